@@ -1,0 +1,151 @@
+//! Stream multiplexer over the channel: a yamux session driven by one task.
+//!
+//! [`Mux::start`] takes the raw channel (the virtio-serial port in the guest, the QEMU chardev
+//! socket on the host) and spawns the driver task, which alone touches the `yamux::Connection`.
+//! Other tasks open streams through [`MuxHandle::open`] and receive the peer's streams on the
+//! inbound queue. Streams come back as tokio `AsyncRead + AsyncWrite` with their [`StreamOpen`]
+//! header already written (outbound) or read (inbound).
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+use crate::frame::{self, FrameError};
+use crate::StreamOpen;
+
+/// One multiplexed stream, usable with tokio I/O.
+pub type MuxStream = Compat<yamux::Stream>;
+
+/// Which side of the session this is (yamux numbers streams by side).
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    Host,
+    Guest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MuxError {
+    #[error("the channel to the guest is closed")]
+    Closed,
+    #[error("opening a stream failed")]
+    Open(#[source] yamux::ConnectionError),
+    #[error("stream header exchange failed")]
+    Header(#[source] FrameError),
+}
+
+type OpenReply = oneshot::Sender<Result<yamux::Stream, MuxError>>;
+
+/// Cloneable handle for opening streams.
+#[derive(Clone)]
+pub struct MuxHandle {
+    open_tx: mpsc::UnboundedSender<OpenReply>,
+}
+
+/// A stream the peer opened, with the port it asked for.
+pub struct Inbound {
+    pub port: u16,
+    pub stream: MuxStream,
+}
+
+pub struct Mux;
+
+impl Mux {
+    /// Start the driver. Returns the open handle, the inbound queue, and a receiver that resolves
+    /// when the session ends (peer closed or I/O error).
+    pub fn start<T>(
+        io: T,
+        side: Side,
+    ) -> (MuxHandle, mpsc::Receiver<yamux::Stream>, oneshot::Receiver<()>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut cfg = yamux::Config::default();
+        cfg.set_max_num_streams(1024);
+        let mode = match side {
+            Side::Host => yamux::Mode::Client,
+            Side::Guest => yamux::Mode::Server,
+        };
+        let mut conn = yamux::Connection::new(io.compat(), cfg, mode);
+        let (open_tx, mut open_rx) = mpsc::unbounded_channel::<OpenReply>();
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (done_tx, done_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut pending: VecDeque<OpenReply> = VecDeque::new();
+            let mut requests_open = true;
+            poll_fn(|cx| {
+                while requests_open {
+                    match open_rx.poll_recv(cx) {
+                        Poll::Ready(Some(reply)) => pending.push_back(reply),
+                        Poll::Ready(None) => requests_open = false,
+                        Poll::Pending => break,
+                    }
+                }
+                while !pending.is_empty() {
+                    match conn.poll_new_outbound(cx) {
+                        Poll::Ready(res) => {
+                            let reply = pending.pop_front().expect("checked non-empty");
+                            let _ = reply.send(res.map_err(MuxError::Open));
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                loop {
+                    match conn.poll_next_inbound(cx) {
+                        Poll::Ready(Some(Ok(stream))) => {
+                            if in_tx.try_send(stream).is_err() {
+                                tracing::warn!("inbound stream queue full; dropping a stream");
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            tracing::debug!(error = %e, "mux session ended with an error");
+                            return Poll::Ready(());
+                        }
+                        Poll::Ready(None) => return Poll::Ready(()),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            })
+            .await;
+            for reply in pending.drain(..) {
+                let _ = reply.send(Err(MuxError::Closed));
+            }
+            let _ = done_tx.send(());
+        });
+        (MuxHandle { open_tx }, in_rx, done_rx)
+    }
+}
+
+impl MuxHandle {
+    /// Open a stream to the peer's logical `port`.
+    pub async fn open(&self, port: u16) -> Result<MuxStream, MuxError> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx.send(tx).map_err(|_| MuxError::Closed)?;
+        let stream = rx.await.map_err(|_| MuxError::Closed)??;
+        let mut stream = stream.compat();
+        frame::write_frame(&mut stream, &StreamOpen { port })
+            .await
+            .map_err(MuxError::Header)?;
+        Ok(stream)
+    }
+
+    /// True once the driver has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.open_tx.is_closed()
+    }
+}
+
+/// Read the [`StreamOpen`] header of a stream the peer opened.
+pub async fn accept(stream: yamux::Stream) -> Result<Inbound, MuxError> {
+    let mut stream = stream.compat();
+    let open: StreamOpen = frame::expect_frame(&mut stream, "the stream header")
+        .await
+        .map_err(MuxError::Header)?;
+    Ok(Inbound {
+        port: open.port,
+        stream,
+    })
+}
