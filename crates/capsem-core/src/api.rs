@@ -1,0 +1,241 @@
+//! The service API's wire types (HTTP/1.1 + JSON over `run/service.sock`), shaped like Capsem's
+//! service so its clients can talk to ours. Every front end (CLI, MCP) and the service itself use
+//! these types; `tests/api_contract.rs` pins their JSON shape and [`API_VERSION`].
+
+use std::collections::BTreeMap;
+
+use capsem_proto::lifecycle::BootTiming;
+use serde::{Deserialize, Serialize};
+
+/// Version of the service API. Bump it when a request or response changes shape.
+pub const API_VERSION: u32 = 1;
+
+pub const DEFAULT_RAM_MB: u32 = 4096;
+pub const DEFAULT_CPUS: u32 = 4;
+/// Upper bounds accepted at create (a VM bigger than the host makes no sense).
+pub const MAX_RAM_MB: u32 = 1024 * 1024;
+pub const MAX_CPUS: u32 = 256;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CreateRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_mb: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Defaults to true when a name is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Running,
+    Stopping,
+    Crashed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Crashed => "crashed",
+        }
+    }
+}
+
+/// One session as `list` and `info` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub status: Status,
+    pub persistent: bool,
+    pub ram_mb: u32,
+    pub cpus: u32,
+    pub uptime_secs: u64,
+    pub created_at: u64,
+    pub asset_version: String,
+    #[serde(default)]
+    pub env_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmInfo>,
+}
+
+/// What the per-VM process knows about its VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmInfo {
+    pub hypervisor: String,
+    pub accel: String,
+    pub process_pid: u32,
+    pub qemu_pid: u32,
+    pub agent_version: String,
+    pub kernel_release: String,
+    /// Guest-side boot stages, ms since kernel start.
+    pub boot: BootTiming,
+    /// Host wall time from launching QEMU to the guest's ready handshake.
+    pub boot_wall_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ListResponse {
+    pub sandboxes: Vec<SessionInfo>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecResponse {
+    /// UTF-8 (lossy); use the streaming endpoint for binary output.
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+    pub timed_out: bool,
+    /// Guest-side spawn-to-reap time of the job, microseconds.
+    pub guest_spawn_us: u64,
+}
+
+/// Body of the streaming exec upgrade (`POST /vms/{id}/exec/stream`): after `101`, the client
+/// speaks capsem-proto exec frames (it sends the `ExecRequest` frame itself).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamRequest {}
+
+/// Body of `POST /run`: create a temporary session, stream one job, destroy the session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_mb: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// `exec` (default) or `terminal`: which stream the upgrade carries.
+    #[serde(default)]
+    pub stream: StreamKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    #[default]
+    Exec,
+    Terminal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileReadRequest {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileReadResponse {
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileWriteRequest {
+    pub path: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogsResponse {
+    pub serial: String,
+    pub process: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PurgeRequest {
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PurgeResponse {
+    pub deleted: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeleteResponse {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusResponse {
+    pub version: String,
+    pub pid: u32,
+    pub home: String,
+    pub sessions: usize,
+    pub accel: Option<String>,
+    pub assets: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionResponse {
+    pub version: String,
+    pub api_version: u32,
+    pub protocol_version: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EchoBenchRequest {
+    pub count: u32,
+    pub size: u32,
+}
+
+/// Channel echo round trips measured inside capsem-process, microseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EchoBenchResponse {
+    pub samples_us: Vec<u64>,
+}
+
+/// Parse `K=V` (the CLI's `-e`).
+pub fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if valid_env_key(k) => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "invalid environment variable {s:?}: expected KEY=VALUE with KEY made of letters, digits and '_'"
+        )),
+    }
+}
+
+pub fn valid_env_key(k: &str) -> bool {
+    !k.is_empty()
+        && !k.as_bytes()[0].is_ascii_digit()
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env_pair("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env_pair("A="), Ok(("A".into(), "".into())));
+        for bad in ["A", "=x", "1A=x", "A-B=x", ""] {
+            assert!(parse_env_pair(bad).is_err(), "{bad}");
+        }
+    }
+}

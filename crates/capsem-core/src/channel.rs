@@ -1,0 +1,218 @@
+//! Host end of the guest channel: accept QEMU's connection to the chardev socket, run the
+//! multiplexer, complete the versioned handshake, and offer typed calls (control, exec).
+//! It knows the guest protocol; it knows nothing of HTTP or sessions.
+
+use std::time::{Duration, Instant};
+
+use capsem_proto::control::{ControlRequest, ControlResponse};
+use capsem_proto::exec::{ExecEvent, ExecExit, ExecRequest};
+use capsem_proto::frame::{self, FrameError};
+use capsem_proto::lifecycle::{GuestReady, HostHello};
+use capsem_proto::mux::{self, Mux, MuxError, MuxHandle, MuxStream, Side};
+use capsem_proto::{port, PROTOCOL_VERSION};
+use serde_bytes::ByteBuf;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("the VM did not connect its channel within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("the guest agent did not report ready within {0:?}; see `capsem logs`")]
+    ReadyTimeout(Duration),
+    #[error("the guest channel closed before the agent was ready; see `capsem logs`")]
+    ClosedEarly,
+    #[error("guest agent speaks protocol {guest}, host speaks {host}: rebuild the guest image with `capsem setup --force`")]
+    VersionMismatch { guest: u32, host: u32 },
+    #[error("accepting the channel connection failed")]
+    Accept(#[source] std::io::Error),
+    #[error(transparent)]
+    Mux(#[from] MuxError),
+    #[error("guest protocol error")]
+    Frame(#[from] FrameError),
+    #[error("the guest answered {0}")]
+    Unexpected(&'static str),
+    #[error("guest: {0}")]
+    Guest(String),
+}
+
+/// An established channel.
+pub struct GuestChannel {
+    mux: MuxHandle,
+    pub ready: GuestReady,
+    /// Resolves when the channel ends (guest gone).
+    pub closed: oneshot::Receiver<()>,
+    /// Streams the guest opens after the handshake (network relay, later).
+    pub inbound: mpsc::Receiver<yamux::Stream>,
+}
+
+/// Collected result of a non-streaming exec.
+#[derive(Debug)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit: ExecExit,
+}
+
+impl GuestChannel {
+    /// Accept the VM's connection on `listener`, then wait for the guest's ready handshake.
+    pub async fn establish(
+        listener: &UnixListener,
+        connect_limit: Duration,
+        ready_limit: Duration,
+    ) -> Result<Self, ChannelError> {
+        let (io, _) = tokio::time::timeout(connect_limit, listener.accept())
+            .await
+            .map_err(|_| ChannelError::ConnectTimeout(connect_limit))?
+            .map_err(ChannelError::Accept)?;
+        let (handle, mut inbound, mut closed) = Mux::start(io, Side::Host);
+        let deadline = Instant::now() + ready_limit;
+        let ready = loop {
+            let stream = tokio::select! {
+                s = tokio::time::timeout_at(deadline.into(), inbound.recv()) => match s {
+                    Err(_) => return Err(ChannelError::ReadyTimeout(ready_limit)),
+                    Ok(None) => return Err(ChannelError::ClosedEarly),
+                    Ok(Some(s)) => s,
+                },
+                _ = &mut closed => return Err(ChannelError::ClosedEarly),
+            };
+            let mut inb = mux::accept(stream).await?;
+            if inb.port != port::LIFECYCLE {
+                tracing::warn!(port = inb.port, "guest opened a stream before the handshake");
+                continue;
+            }
+            let ready: GuestReady = frame::expect_frame(&mut inb.stream, "ready").await?;
+            if ready.protocol_version != PROTOCOL_VERSION {
+                let reason = format!(
+                    "host speaks protocol {PROTOCOL_VERSION}, guest {}",
+                    ready.protocol_version
+                );
+                let _ = frame::write_frame(&mut inb.stream, &HostHello::Refused { reason }).await;
+                return Err(ChannelError::VersionMismatch {
+                    guest: ready.protocol_version,
+                    host: PROTOCOL_VERSION,
+                });
+            }
+            frame::write_frame(
+                &mut inb.stream,
+                &HostHello::Accepted {
+                    protocol_version: PROTOCOL_VERSION,
+                },
+            )
+            .await?;
+            // Keep the lifecycle stream open for the life of the channel.
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut inb.stream, &mut sink).await;
+            });
+            break ready;
+        };
+        Ok(GuestChannel {
+            mux: handle,
+            ready,
+            closed,
+            inbound,
+        })
+    }
+
+    pub fn handle(&self) -> Guest {
+        Guest {
+            mux: self.mux.clone(),
+        }
+    }
+}
+
+/// Cheap, cloneable access to a live channel.
+#[derive(Clone)]
+pub struct Guest {
+    mux: MuxHandle,
+}
+
+impl Guest {
+    pub async fn open(&self, port: u16) -> Result<MuxStream, ChannelError> {
+        Ok(self.mux.open(port).await?)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.mux.is_closed()
+    }
+
+    /// One control request on its own stream.
+    pub async fn control(&self, req: &ControlRequest) -> Result<ControlResponse, ChannelError> {
+        let mut s = self.open(port::CONTROL).await?;
+        frame::write_frame(&mut s, req).await?;
+        let resp: ControlResponse = frame::expect_frame(&mut s, "the control response").await?;
+        if let ControlResponse::Error { message } = resp {
+            return Err(ChannelError::Guest(message));
+        }
+        Ok(resp)
+    }
+
+    /// Round trip of `payload` through the guest; returns the elapsed time.
+    pub async fn echo(&self, payload: Vec<u8>) -> Result<Duration, ChannelError> {
+        let t = Instant::now();
+        match self
+            .control(&ControlRequest::Echo {
+                payload: ByteBuf::from(payload),
+            })
+            .await?
+        {
+            ControlResponse::Echo { .. } => Ok(t.elapsed()),
+            _ => Err(ChannelError::Unexpected("something other than an echo")),
+        }
+    }
+
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, ChannelError> {
+        match self
+            .control(&ControlRequest::ReadFile {
+                path: path.to_string(),
+            })
+            .await?
+        {
+            ControlResponse::File { data } => Ok(data.into_vec()),
+            _ => Err(ChannelError::Unexpected("something other than file data")),
+        }
+    }
+
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> Result<(), ChannelError> {
+        self.control(&ControlRequest::WriteFile {
+            path: path.to_string(),
+            data: ByteBuf::from(data),
+            mode,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Run a job and collect its output.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, ChannelError> {
+        let mut s = self.open(port::EXEC).await?;
+        frame::write_frame(&mut s, req).await?;
+        let mut out = ExecOutput {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            exit: ExecExit {
+                status: capsem_proto::ExitStatus::Code(-1),
+                timed_out: false,
+                spawn_to_exit_us: 0,
+            },
+        };
+        loop {
+            match frame::expect_frame::<_, ExecEvent>(&mut s, "the job's exit").await? {
+                ExecEvent::Started { .. } => {}
+                ExecEvent::Stdout(b) => out.stdout.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => out.stderr.extend_from_slice(&b),
+                ExecEvent::Exit(e) => {
+                    out.exit = e;
+                    return Ok(out);
+                }
+                ExecEvent::Failed { message } => return Err(ChannelError::Guest(message)),
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The hypervisor seam: what capsem asks of a backend (launch a VM from a [`VmSpec`], say which
+//! acceleration it uses). QEMU is the only backend today ([`qemu`]); Apple VZ or cloud-hypervisor
+//! would add a sibling module and a branch in [`detect`], without touching session logic.
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// CPU acceleration in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Accel> {
+        match s {
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a backend needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Read-only squashfs, the overlay lower.
+    pub rootfs: PathBuf,
+    /// The session's writable disk (qcow2 over the empty ext4 base).
+    pub disk: PathBuf,
+    pub ram_mb: u32,
+    pub cpus: u32,
+    /// UNIX socket the backend connects the guest channel to (capsem listens on it).
+    pub channel_socket: PathBuf,
+    /// UNIX socket for the backend's control protocol (QMP).
+    pub control_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub hostname: String,
+    /// Extra `key=value` words for the guest kernel command line.
+    pub cmdline_extra: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("QEMU not found (looked for {0}): install it with `sudo apt-get install qemu-system-x86 qemu-utils`")]
+    QemuMissing(String),
+    #[error("could not start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the session disk failed: {0}")]
+    Disk(String),
+}
+
+/// A launched VM process.
+pub struct RunningVm {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+}
+
+/// A VM backend.
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn accel(&self) -> Accel;
+    /// Create the session's writable disk as a copy-on-write layer over `base` (O(1)).
+    fn create_disk(&self, base: &std::path::Path, disk: &std::path::Path)
+        -> Result<(), HypervisorError>;
+    /// Start the VM. The returned child is killed if the calling process dies.
+    fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
+}
+
+/// The backend for this host.
+pub fn detect(accel: Accel) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    Ok(Box::new(qemu::Qemu::locate(accel)?))
+}

@@ -1,0 +1,318 @@
+//! QEMU `microvm` backend: command line, disk creation, and the KVM-or-TCG probe.
+//!
+//! KVM is decided by trying, not by the presence of `/dev/kvm`: on some hosts `/dev/kvm` exists
+//! but cannot run a stock kernel (QEMU hangs or exits at once). The probe boots the real kernel and
+//! initrd with `capsem.probe=1`, whose `/init` prints [`PROBE_MARKER`] and powers off; if that line
+//! does not arrive in time, TCG is used. Under TCG the kernel gets `tsc_early_khz` from the host,
+//! without which its PIT calibration sometimes fails and the boot hangs.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+use super::{Accel, Hypervisor, HypervisorError, RunningVm, VmSpec};
+
+/// Line the agent prints in probe mode.
+pub const PROBE_MARKER: &str = "CAPSEM-PROBE-OK";
+
+/// Environment variable naming the QEMU binary (default: `qemu-system-x86_64` on PATH).
+pub const QEMU_ENV: &str = "CAPSEM_QEMU";
+
+pub struct Qemu {
+    binary: PathBuf,
+    img: PathBuf,
+    accel: Accel,
+}
+
+impl Qemu {
+    pub fn locate(accel: Accel) -> Result<Self, HypervisorError> {
+        Ok(Qemu {
+            binary: qemu_binary()?,
+            img: find_program("qemu-img")
+                .ok_or_else(|| HypervisorError::QemuMissing("qemu-img".into()))?,
+            accel,
+        })
+    }
+
+    /// The full argument list for `spec` (without the program name).
+    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "quiet".into(),
+            "panic=-1".into(),
+            format!("capsem.hostname={}", spec.hostname),
+        ];
+        if self.accel == Accel::Tcg {
+            if let Some(khz) = host_tsc_khz() {
+                cmdline.push(format!("tsc_early_khz={khz}"));
+            }
+        }
+        cmdline.extend(spec.cmdline_extra.iter().cloned());
+        let p = |p: &Path| p.display().to_string();
+        let mut a: Vec<String> = vec![
+            "-M".into(),
+            format!("microvm,accel={},x-option-roms=off", self.accel.as_str()),
+        ];
+        if self.accel == Accel::Kvm {
+            a.extend(["-cpu".into(), "host".into()]);
+        }
+        a.extend([
+            "-m".into(),
+            format!("{}M", spec.ram_mb),
+            "-smp".into(),
+            spec.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-chardev".into(),
+            format!("file,id=serial0,path={}", p(&spec.serial_log)),
+            "-serial".into(),
+            "chardev:serial0".into(),
+            "-kernel".into(),
+            p(&spec.kernel),
+            "-initrd".into(),
+            p(&spec.initrd),
+            "-append".into(),
+            cmdline.join(" "),
+            "-drive".into(),
+            format!(
+                "id=rootfs,file={},format=raw,readonly=on,if=none",
+                p(&spec.rootfs)
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=rootfs,serial=capsem-rootfs".into(),
+            "-drive".into(),
+            format!(
+                "id=disk,file={},format=qcow2,if=none,discard=unmap",
+                p(&spec.disk)
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=disk,serial=capsem-disk".into(),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!("socket,id=channel0,path={}", p(&spec.channel_socket)),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=channel0,name={}",
+                capsem_proto::CHANNEL_PORT_NAME
+            ),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&spec.control_socket)),
+        ]);
+        a
+    }
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn create_disk(&self, base: &Path, disk: &Path) -> Result<(), HypervisorError> {
+        let out = std::process::Command::new(&self.img)
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(base)
+            .arg(disk)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| HypervisorError::Spawn {
+                program: self.img.display().to_string(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(HypervisorError::Disk(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|source| HypervisorError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        Ok(RunningVm { child, pid })
+    }
+}
+
+/// Ask the kernel to SIGKILL the child when the thread that spawned it exits, so a killed
+/// capsem-process never leaves a QEMU behind. Spawn from a long-lived thread.
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+pub fn qemu_binary() -> Result<PathBuf, HypervisorError> {
+    match std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(HypervisorError::QemuMissing(p.display().to_string()))
+            }
+        }
+        None => find_program("qemu-system-x86_64")
+            .ok_or_else(|| HypervisorError::QemuMissing("qemu-system-x86_64 on PATH".into())),
+    }
+}
+
+/// First executable called `name` on PATH.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// The host TSC frequency in kHz, from `/proc/cpuinfo`'s "cpu MHz".
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    parse_cpu_mhz(&info)
+}
+
+fn parse_cpu_mhz(cpuinfo: &str) -> Option<u64> {
+    cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|mhz| (mhz * 1000.0) as u64)
+}
+
+/// Boot `kernel` + `initrd` in probe mode with `accel` and report whether the probe line arrived
+/// within `limit`. Also the baseline of the boot benchmark (bare boot to `/init` and power off).
+pub async fn probe(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    accel: Accel,
+    limit: Duration,
+) -> std::io::Result<bool> {
+    let mut cmdline = vec!["console=ttyS0", "quiet", "panic=-1", "capsem.probe=1"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    if accel == Accel::Tcg {
+        if let Some(khz) = host_tsc_khz() {
+            cmdline.push(format!("tsc_early_khz={khz}"));
+        }
+    }
+    let mut cmd = tokio::process::Command::new(qemu);
+    cmd.args(["-M", &format!("microvm,accel={},x-option-roms=off", accel.as_str())]);
+    if accel == Accel::Kvm {
+        cmd.args(["-cpu", "host"]);
+    }
+    cmd.args(["-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic"])
+        .args(["-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(cmdline.join(" "))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let found = tokio::time::timeout(limit, async {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = out.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains(PROBE_MARKER) {
+                return Ok(true);
+            }
+        }
+    })
+    .await;
+    let ok = matches!(found, Ok(Ok(true)));
+    if ok {
+        // The guest powers off right after the marker; give it a moment to exit cleanly.
+        let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+    }
+    let _ = child.kill().await;
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_mhz() {
+        let s = "processor\t: 0\ncpu MHz\t\t: 2596.146\n";
+        assert_eq!(parse_cpu_mhz(s), Some(2_596_146));
+        assert_eq!(parse_cpu_mhz("nothing"), None);
+    }
+
+    #[test]
+    fn args_carry_the_contract() {
+        let q = Qemu {
+            binary: "qemu".into(),
+            img: "qemu-img".into(),
+            accel: Accel::Tcg,
+        };
+        let spec = VmSpec {
+            kernel: "/a/vmlinuz".into(),
+            initrd: "/a/initrd.img".into(),
+            rootfs: "/a/rootfs.squashfs".into(),
+            disk: "/s/disk.qcow2".into(),
+            ram_mb: 2048,
+            cpus: 2,
+            channel_socket: "/s/channel.sock".into(),
+            control_socket: "/s/qmp.sock".into(),
+            serial_log: "/s/serial.log".into(),
+            hostname: "box".into(),
+            cmdline_extra: vec![],
+        };
+        let a = q.args(&spec).join(" ");
+        for want in [
+            "microvm,accel=tcg",
+            "-m 2048M",
+            "-smp 2",
+            "serial=capsem-rootfs",
+            "serial=capsem-disk",
+            "readonly=on",
+            "name=capsem.0",
+            "capsem.hostname=box",
+            "-no-reboot",
+        ] {
+            assert!(a.contains(want), "missing {want} in {a}");
+        }
+    }
+}

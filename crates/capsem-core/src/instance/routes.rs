@@ -1,0 +1,205 @@
+//! The per-VM API served by `capsem-process` on `run/instances/<id>.sock`. Only the service
+//! calls it. Streaming routes upgrade the connection and then carry capsem-proto frames between
+//! the caller and a guest stream; the first frame is rewritten to add the session's environment.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use capsem_proto::control::ControlRequest;
+use capsem_proto::exec::{Command, ExecRequest};
+use capsem_proto::frame;
+use capsem_proto::port;
+use capsem_proto::terminal::TerminalRequest;
+
+use super::Instance;
+use crate::api::{
+    EchoBenchRequest, EchoBenchResponse, ErrorBody, ExecResponse, FileReadRequest,
+    FileReadResponse, FileWriteRequest,
+};
+use crate::channel::ChannelError;
+use crate::uds_http::{self, take_upgrade};
+
+/// Default exec timeout of the JSON API, as the CLI's `exec`.
+const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 30;
+
+pub(crate) fn router(inst: Arc<Instance>) -> Router {
+    Router::new()
+        .route("/info", get(info))
+        .route("/exec", post(exec))
+        .route("/exec/stream", post(exec_stream))
+        .route("/terminal", post(terminal))
+        .route("/files/read", post(read_file))
+        .route("/files/write", post(write_file))
+        .route("/bench/echo", post(echo_bench))
+        .route("/kill", post(kill))
+        .route("/shutdown", post(shutdown))
+        .with_state(inst)
+}
+
+pub(crate) struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<ChannelError> for ApiError {
+    fn from(e: ChannelError) -> Self {
+        let status = match e {
+            ChannelError::Guest(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        ApiError(status, crate::error_chain(&e))
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn info(State(inst): State<Arc<Instance>>) -> Json<crate::api::VmInfo> {
+    Json(inst.info.clone())
+}
+
+fn merged_env(inst: &Instance, extra: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut env = inst.env.clone();
+    env.extend(extra);
+    env
+}
+
+async fn exec(
+    State(inst): State<Arc<Instance>>,
+    Json(req): Json<crate::api::ExecRequest>,
+) -> ApiResult<ExecResponse> {
+    let timeout = req.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
+    let job = ExecRequest {
+        command: Command::Shell(req.command),
+        env: merged_env(&inst, req.env),
+        cwd: None,
+        stdin: false,
+        timeout_ms: Some(timeout.saturating_mul(1000)),
+    };
+    // Backstop in case the guest stops answering: the guest enforces the real timeout.
+    let out = tokio::time::timeout(
+        Duration::from_secs(timeout.saturating_add(10)),
+        inst.guest.exec(&job),
+    )
+    .await
+    .map_err(|_| ApiError(StatusCode::GATEWAY_TIMEOUT, "the guest stopped answering".into()))??;
+    let exit_code = if out.exit.timed_out { 124 } else { out.exit.status.shell_code() };
+    Ok(Json(ExecResponse {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        exit_code,
+        timed_out: out.exit.timed_out,
+        guest_spawn_us: out.exit.spawn_to_exit_us,
+    }))
+}
+
+/// Upgrade, read the caller's first frame, let `rewrite` adjust it, forward it to a new guest
+/// stream on `port`, then splice both directions until either side ends.
+fn splice_to_guest<T, F>(inst: Arc<Instance>, mut req: Request, port: u16, rewrite: F) -> Response
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce(&Instance, T) -> T + Send + 'static,
+{
+    let Some(on_upgrade) = take_upgrade(&mut req) else {
+        return ApiError(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade".into()).into_response();
+    };
+    tokio::spawn(async move {
+        let mut client = match on_upgrade.await {
+            Ok(up) => hyper_util::rt::TokioIo::new(up),
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let first: T = match frame::expect_frame(&mut client, "the request").await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "stream request unreadable");
+                return;
+            }
+        };
+        let first = rewrite(&inst, first);
+        let mut guest = match inst.guest.open(port).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open a guest stream");
+                return;
+            }
+        };
+        if frame::write_frame(&mut guest, &first).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+    });
+    uds_http::switching_protocols()
+}
+
+async fn exec_stream(State(inst): State<Arc<Instance>>, req: Request) -> Response {
+    splice_to_guest(inst, req, port::EXEC, |inst, mut r: ExecRequest| {
+        r.env = merged_env(inst, std::mem::take(&mut r.env));
+        r
+    })
+}
+
+async fn terminal(State(inst): State<Arc<Instance>>, req: Request) -> Response {
+    splice_to_guest(inst, req, port::TERMINAL, |inst, mut r: TerminalRequest| {
+        r.env = merged_env(inst, std::mem::take(&mut r.env));
+        r
+    })
+}
+
+async fn read_file(
+    State(inst): State<Arc<Instance>>,
+    Json(req): Json<FileReadRequest>,
+) -> ApiResult<FileReadResponse> {
+    let data = inst.guest.read_file(&req.path).await?;
+    let content = String::from_utf8(data).map_err(|_| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{} is not UTF-8 text; read it with exec (base64) instead", req.path),
+        )
+    })?;
+    Ok(Json(FileReadResponse { content }))
+}
+
+async fn write_file(
+    State(inst): State<Arc<Instance>>,
+    Json(req): Json<FileWriteRequest>,
+) -> ApiResult<serde_json::Value> {
+    inst.guest
+        .write_file(&req.path, req.content.into_bytes(), None)
+        .await?;
+    Ok(Json(serde_json::json!({ "ok": true })))
+}
+
+async fn echo_bench(
+    State(inst): State<Arc<Instance>>,
+    Json(req): Json<EchoBenchRequest>,
+) -> ApiResult<EchoBenchResponse> {
+    let mut samples_us = Vec::with_capacity(req.count as usize);
+    for _ in 0..req.count.min(100_000) {
+        let d = inst.guest.echo(vec![0x5a; req.size as usize]).await?;
+        samples_us.push(d.as_micros() as u64);
+    }
+    Ok(Json(EchoBenchResponse { samples_us }))
+}
+
+async fn kill(State(inst): State<Arc<Instance>>) -> Json<serde_json::Value> {
+    inst.stop.notify_one();
+    Json(serde_json::json!({ "ok": true }))
+}
+
+async fn shutdown(State(inst): State<Arc<Instance>>) -> Json<serde_json::Value> {
+    inst.graceful.store(true, Ordering::SeqCst);
+    let _ = inst.guest.control(&ControlRequest::Shutdown { reboot: false }).await;
+    inst.stop.notify_one();
+    Json(serde_json::json!({ "ok": true }))
+}

@@ -1,0 +1,131 @@
+//! The layout of `CAPSEM_HOME` (DESIGN.md "On disk") and the permissions it must keep: every
+//! directory 0700, every file 0600. Nothing else in capsem builds these paths by hand.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Environment variable that selects another home (every test sets its own).
+pub const HOME_ENV: &str = "CAPSEM_HOME";
+
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Home { root: root.into() }
+    }
+
+    /// `$CAPSEM_HOME`, else `~/.capsem`.
+    pub fn from_env() -> io::Result<Self> {
+        if let Some(h) = std::env::var_os(HOME_ENV).filter(|v| !v.is_empty()) {
+            return Ok(Home::new(absolute(Path::new(&h))?));
+        }
+        let home = std::env::var_os("HOME").ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "neither CAPSEM_HOME nor HOME is set")
+        })?;
+        Ok(Home::new(PathBuf::from(home).join(".capsem")))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn assets_root(&self) -> PathBuf {
+        self.root.join("assets")
+    }
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.root.join("sessions")
+    }
+    pub fn session_dir(&self, id: &str) -> PathBuf {
+        self.sessions_dir().join(id)
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn instances_dir(&self) -> PathBuf {
+        self.run_dir().join("instances")
+    }
+    pub fn instance_socket(&self, id: &str) -> PathBuf {
+        self.instances_dir().join(format!("{id}.sock"))
+    }
+    pub fn service_socket(&self) -> PathBuf {
+        self.run_dir().join("service.sock")
+    }
+    pub fn service_pid(&self) -> PathBuf {
+        self.run_dir().join("service.pid")
+    }
+    pub fn service_log(&self) -> PathBuf {
+        self.run_dir().join("service.log")
+    }
+    pub fn accel_cache(&self) -> PathBuf {
+        self.run_dir().join("accel.json")
+    }
+
+    /// Create the directory tree with private permissions (and tighten an existing root).
+    pub fn ensure(&self) -> io::Result<()> {
+        for dir in [
+            self.root.clone(),
+            self.sessions_dir(),
+            self.run_dir(),
+            self.instances_dir(),
+        ] {
+            private_dir(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Make `dir` (and parents) and set it to 0700.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Write a file atomically (temp + rename) with mode 0600.
+pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn absolute(p: &Path) -> io::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensure_makes_private_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let home = Home::new(t.path().join("h"));
+        home.ensure().unwrap();
+        for d in [home.root().to_path_buf(), home.run_dir(), home.sessions_dir()] {
+            let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let f = home.run_dir().join("x.json");
+        write_private(&f, b"{}").unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

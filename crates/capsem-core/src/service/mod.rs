@@ -1,0 +1,563 @@
+//! The service: the registry of sessions and the verbs on them (create, list, info, delete,
+//! purge, logs, run). Front ends — HTTP routes ([`routes`]), and through them the CLI and MCP —
+//! turn their input into these calls. Per-VM work is forwarded to that VM's `capsem-process`.
+//!
+//! Session states as the service sees them:
+//! ```text
+//!   (create) ─▶ Creating ──ready──▶ Running ──delete/purge──▶ Stopping ─▶ (gone)
+//!                  └──boot failed──▶ (gone, directory removed)
+//!   Running ──process died──▶ Crashed (persistent; kept on disk) or (gone) (ephemeral)
+//! ```
+
+pub mod routes;
+pub mod spawn;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use tokio::sync::{watch, Mutex, OnceCell};
+
+use crate::api::{self, CreateRequest, SessionInfo, Status, VmInfo};
+use crate::hypervisor::{qemu, Accel};
+use crate::names::{self, Lookup};
+use crate::paths::Home;
+use crate::record::{now_secs, SessionRecord};
+use crate::uds_http::UdsClient;
+
+/// How long a VM may take to boot before create gives up (TCG boots in ~2 s).
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Environment variable forcing the accelerator (`kvm` or `tcg`) instead of probing.
+pub const ACCEL_ENV: &str = "CAPSEM_ACCEL";
+
+/// An error with the HTTP status it maps to at the edge.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ServiceError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ServiceError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ServiceError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(query: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("no session named or with id {query:?}; see `capsem list`"),
+        )
+    }
+}
+
+struct Entry {
+    record: SessionRecord,
+    status: Status,
+    started: Instant,
+    vm: Option<VmInfo>,
+    /// Becomes true when the session's capsem-process has exited.
+    exited: watch::Receiver<bool>,
+    pid: Option<u32>,
+}
+
+struct Inner {
+    home: Home,
+    sessions: Mutex<HashMap<String, Entry>>,
+    accel: OnceCell<Accel>,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl Service {
+    pub fn new(home: Home) -> Self {
+        Service {
+            inner: Arc::new(Inner {
+                home,
+                sessions: Mutex::new(HashMap::new()),
+                accel: OnceCell::new(),
+            }),
+        }
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.inner.home
+    }
+
+    /// Take stock of what is on disk at start: adopt sessions whose process still answers, drop
+    /// ephemeral leftovers, keep persistent ones.
+    pub async fn adopt(&self) {
+        let Ok(dirs) = std::fs::read_dir(self.home().sessions_dir()) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let dir = d.path();
+            let Ok(record) = SessionRecord::load(&dir) else {
+                continue;
+            };
+            let client = UdsClient::new(self.home().instance_socket(&record.id));
+            match client.get::<VmInfo>("/info").await {
+                Ok(vm) => {
+                    tracing::info!(id = %record.id, "adopting running session");
+                    let exited = watch_pid(vm.process_pid);
+                    let pid = Some(vm.process_pid);
+                    self.insert_adopted(record, Status::Running, Some(vm), exited, pid).await;
+                }
+                Err(_) if !record.persistent => {
+                    tracing::info!(id = %record.id, "removing leftover ephemeral session");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(_) => {
+                    let (_tx, rx) = watch::channel(true);
+                    self.insert_adopted(record, Status::Crashed, None, rx, None).await;
+                }
+            }
+        }
+    }
+
+    async fn insert_adopted(
+        &self,
+        record: SessionRecord,
+        status: Status,
+        vm: Option<VmInfo>,
+        exited: watch::Receiver<bool>,
+        pid: Option<u32>,
+    ) {
+        let id = record.id.clone();
+        let mut map = self.inner.sessions.lock().await;
+        map.insert(
+            id.clone(),
+            Entry {
+                record,
+                status,
+                started: Instant::now(),
+                vm,
+                exited: exited.clone(),
+                pid,
+            },
+        );
+        drop(map);
+        if status == Status::Running {
+            self.watch_exit(id, exited);
+        }
+    }
+
+    /// The accelerator, probed once (and cached in `run/accel.json` for later service starts).
+    pub async fn accel(&self) -> Result<Accel, ServiceError> {
+        self.inner
+            .accel
+            .get_or_try_init(|| async {
+                if let Some(a) = std::env::var(ACCEL_ENV).ok().as_deref().and_then(Accel::parse) {
+                    return Ok(a);
+                }
+                let cache = self.home().accel_cache();
+                let key = accel_cache_key();
+                if let Ok(text) = std::fs::read_to_string(&cache) {
+                    if let Ok(c) = serde_json::from_str::<AccelCache>(&text) {
+                        if c.key == key {
+                            return Ok(c.accel);
+                        }
+                    }
+                }
+                let assets = self.assets()?;
+                let qemu = qemu::qemu_binary().map_err(unavailable)?;
+                let kvm = std::path::Path::new("/dev/kvm").exists()
+                    && qemu::probe(
+                        &qemu,
+                        &assets.vmlinuz,
+                        &assets.initrd,
+                        Accel::Kvm,
+                        Duration::from_millis(2500),
+                    )
+                    .await
+                    .unwrap_or(false);
+                let accel = if kvm { Accel::Kvm } else { Accel::Tcg };
+                tracing::info!(accel = accel.as_str(), "accelerator probed");
+                let json = serde_json::to_vec(&AccelCache { key, accel }).expect("serializes");
+                let _ = crate::paths::write_private(&cache, &json);
+                Ok(accel)
+            })
+            .await
+            .copied()
+    }
+
+    /// The accelerator if it has been decided already.
+    pub fn accel_known(&self) -> Option<Accel> {
+        self.inner.accel.get().copied()
+    }
+
+    fn assets(&self) -> Result<crate::image::Assets, ServiceError> {
+        crate::image::load(&self.home().assets_root()).map_err(unavailable)
+    }
+
+    /// Create and boot a session.
+    pub async fn create(&self, req: CreateRequest) -> Result<SessionInfo, ServiceError> {
+        if let Some(name) = &req.name {
+            names::validate_name(name).map_err(|e| ServiceError::bad(e.to_string()))?;
+        }
+        let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
+        let cpus = req.cpus.unwrap_or(api::DEFAULT_CPUS);
+        if ram_mb < 128 || ram_mb > api::MAX_RAM_MB {
+            return Err(ServiceError::bad(format!(
+                "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"
+            )));
+        }
+        if cpus == 0 || cpus > api::MAX_CPUS {
+            return Err(ServiceError::bad(format!(
+                "invalid CPU count {cpus}: give 1 to {}",
+                api::MAX_CPUS
+            )));
+        }
+        if let Some(k) = req.env.keys().find(|k| !api::valid_env_key(k)) {
+            return Err(ServiceError::bad(format!(
+                "invalid environment variable name {k:?}: use letters, digits and '_'"
+            )));
+        }
+        if req.from.is_some() {
+            return Err(ServiceError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "create --from needs fork images, which this build does not have yet",
+            ));
+        }
+        let assets = self.assets()?;
+        qemu::qemu_binary().map_err(unavailable)?;
+        let accel = self.accel().await?;
+
+        let id = names::new_id();
+        let record = SessionRecord {
+            id: id.clone(),
+            name: req.name.clone(),
+            persistent: req.persistent.unwrap_or(req.name.is_some()),
+            ram_mb,
+            cpus,
+            env: req.env.into_iter().collect(),
+            created_at: now_secs(),
+            asset_version: assets.manifest.version.clone(),
+        };
+        let (exited_tx, exited_rx) = watch::channel(false);
+        {
+            let mut map = self.inner.sessions.lock().await;
+            if let Some(name) = &record.name {
+                if map.values().any(|e| e.record.name.as_deref() == Some(name)) {
+                    return Err(ServiceError::new(
+                        StatusCode::CONFLICT,
+                        format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
+                    ));
+                }
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    record: record.clone(),
+                    status: Status::Creating,
+                    started: Instant::now(),
+                    vm: None,
+                    exited: exited_rx.clone(),
+                    pid: None,
+                },
+            );
+        }
+        let dir = self.home().session_dir(&id);
+        let booted = async {
+            crate::paths::private_dir(&dir).map_err(internal)?;
+            record.save(&dir).map_err(internal)?;
+            spawn::start(self.home(), &id, accel, BOOT_LIMIT)
+                .await
+                .map_err(|e| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e)))
+        }
+        .await;
+        let spawned = match booted {
+            Ok(s) => s,
+            Err(e) => {
+                self.inner.sessions.lock().await.remove(&id);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let mut child = spawned.child;
+        let pid = child.id();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            let _ = exited_tx.send(true);
+        });
+        {
+            let mut map = self.inner.sessions.lock().await;
+            if let Some(e) = map.get_mut(&id) {
+                e.status = Status::Running;
+                e.vm = Some(spawned.info);
+                e.started = Instant::now();
+                e.pid = pid;
+            }
+        }
+        self.watch_exit(id.clone(), exited_rx);
+        self.info(&id).await
+    }
+
+    /// When a session's process ends without being asked, mark it crashed (persistent) or
+    /// remove it (ephemeral).
+    fn watch_exit(&self, id: String, mut exited: watch::Receiver<bool>) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let _ = exited.wait_for(|e| *e).await;
+            let mut map = svc.inner.sessions.lock().await;
+            let Some(e) = map.get_mut(&id) else { return };
+            if e.status == Status::Stopping {
+                return; // delete owns the cleanup
+            }
+            if e.record.persistent {
+                tracing::warn!(%id, "session process exited; marking crashed");
+                e.status = Status::Crashed;
+                e.vm = None;
+            } else {
+                tracing::info!(%id, "ephemeral session ended; removing it");
+                map.remove(&id);
+                let _ = std::fs::remove_dir_all(svc.home().session_dir(&id));
+            }
+        });
+    }
+
+    /// Resolve a name, id or unique id prefix.
+    pub async fn resolve(&self, query: &str) -> Result<String, ServiceError> {
+        let map = self.inner.sessions.lock().await;
+        let pairs: Vec<(&str, Option<&str>)> = map
+            .values()
+            .map(|e| (e.record.id.as_str(), e.record.name.as_deref()))
+            .collect();
+        match names::resolve(query, pairs.iter().copied()) {
+            Lookup::Found(id) => Ok(id.to_string()),
+            Lookup::NotFound => Err(ServiceError::not_found(query)),
+            Lookup::Ambiguous(ids) => Err(ServiceError::bad(format!(
+                "{query:?} matches several sessions ({}); give more of the id",
+                ids.join(", ")
+            ))),
+        }
+    }
+
+    pub async fn info(&self, query: &str) -> Result<SessionInfo, ServiceError> {
+        let id = self.resolve(query).await?;
+        let map = self.inner.sessions.lock().await;
+        let e = map.get(&id).ok_or_else(|| ServiceError::not_found(query))?;
+        Ok(session_info(e))
+    }
+
+    pub async fn list(&self) -> Vec<SessionInfo> {
+        let map = self.inner.sessions.lock().await;
+        let mut v: Vec<SessionInfo> = map.values().map(session_info).collect();
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        v
+    }
+
+    /// The per-VM API of a running session.
+    pub async fn instance(&self, query: &str) -> Result<(String, UdsClient), ServiceError> {
+        let id = self.resolve(query).await?;
+        let map = self.inner.sessions.lock().await;
+        let e = map.get(&id).ok_or_else(|| ServiceError::not_found(query))?;
+        if e.status != Status::Running {
+            return Err(ServiceError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "session {} is {}, not running",
+                    e.record.display_name(),
+                    e.status.as_str()
+                ),
+            ));
+        }
+        Ok((id.clone(), UdsClient::new(self.home().instance_socket(&id))))
+    }
+
+    /// Stop the VM and remove the session and its directory.
+    pub async fn delete(&self, query: &str) -> Result<String, ServiceError> {
+        let id = self.resolve(query).await?;
+        let (mut exited, pid) = {
+            let mut map = self.inner.sessions.lock().await;
+            let e = map.get_mut(&id).ok_or_else(|| ServiceError::not_found(query))?;
+            if e.status == Status::Stopping {
+                return Err(ServiceError::new(
+                    StatusCode::CONFLICT,
+                    format!("session {} is already being deleted", e.record.display_name()),
+                ));
+            }
+            e.status = Status::Stopping;
+            (e.exited.clone(), e.pid)
+        };
+        if !*exited.borrow() {
+            let client = UdsClient::new(self.home().instance_socket(&id));
+            let _ = client.post::<_, serde_json::Value>("/kill", &serde_json::json!({})).await;
+            let gone = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
+                .await
+                .is_ok();
+            if !gone {
+                if let Some(pid) = pid {
+                    tracing::warn!(%id, pid, "process did not stop; killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.home().session_dir(&id));
+        let _ = std::fs::remove_file(self.home().instance_socket(&id));
+        self.inner.sessions.lock().await.remove(&id);
+        Ok(id)
+    }
+
+    /// Delete every ephemeral session, or every session with `all`.
+    pub async fn purge(&self, all: bool) -> Vec<String> {
+        let targets: Vec<String> = {
+            let map = self.inner.sessions.lock().await;
+            map.values()
+                .filter(|e| all || !e.record.persistent)
+                .filter(|e| e.status != Status::Stopping)
+                .map(|e| e.record.id.clone())
+                .collect()
+        };
+        let mut deleted = Vec::new();
+        for r in futures::future::join_all(targets.iter().map(|id| self.delete(id))).await {
+            if let Ok(id) = r {
+                deleted.push(id);
+            }
+        }
+        deleted
+    }
+
+    /// Serial console and process log of a session, optionally only the last `tail` lines.
+    pub async fn logs(&self, query: &str, tail: Option<usize>) -> Result<api::LogsResponse, ServiceError> {
+        let id = self.resolve(query).await?;
+        let dir = self.home().session_dir(&id);
+        let read = |f: &str| {
+            let raw = std::fs::read(dir.join(f)).unwrap_or_default();
+            let text = String::from_utf8_lossy(&raw).replace('\r', "");
+            match tail {
+                Some(n) => {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let mut s = lines[lines.len().saturating_sub(n)..].join("\n");
+                    if !s.is_empty() {
+                        s.push('\n');
+                    }
+                    s
+                }
+                None => text,
+            }
+        };
+        Ok(api::LogsResponse {
+            serial: read("serial.log"),
+            process: read("process.log"),
+        })
+    }
+
+    pub async fn count(&self) -> usize {
+        self.inner.sessions.lock().await.len()
+    }
+
+    /// Stop every session (the service is shutting down).
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = self.inner.sessions.lock().await.keys().cloned().collect();
+        futures::future::join_all(ids.iter().map(|id| async move {
+            let persistent = {
+                let map = self.inner.sessions.lock().await;
+                map.get(id).map(|e| e.record.persistent).unwrap_or(false)
+            };
+            if persistent {
+                let client = UdsClient::new(self.home().instance_socket(id));
+                let _ = client.post::<_, serde_json::Value>("/shutdown", &serde_json::json!({})).await;
+            } else {
+                let _ = self.delete(id).await;
+            }
+        }))
+        .await;
+    }
+}
+
+/// Deletes a session when dropped (temporary sessions of `run` and `shell`).
+pub struct DeleteOnDrop {
+    svc: Service,
+    id: Option<String>,
+}
+
+impl DeleteOnDrop {
+    pub fn new(svc: Service, id: String) -> Self {
+        DeleteOnDrop { svc, id: Some(id) }
+    }
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let svc = self.svc.clone();
+            tokio::spawn(async move {
+                let _ = svc.delete(&id).await;
+            });
+        }
+    }
+}
+
+fn session_info(e: &Entry) -> SessionInfo {
+    SessionInfo {
+        id: e.record.id.clone(),
+        name: e.record.name.clone(),
+        status: e.status,
+        persistent: e.record.persistent,
+        ram_mb: e.record.ram_mb,
+        cpus: e.record.cpus,
+        uptime_secs: if e.status == Status::Running {
+            e.started.elapsed().as_secs()
+        } else {
+            0
+        },
+        created_at: e.record.created_at,
+        asset_version: e.record.asset_version.clone(),
+        env_keys: e.record.env.iter().map(|(k, _)| k.clone()).collect(),
+        vm: e.vm.clone(),
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AccelCache {
+    key: String,
+    accel: Accel,
+}
+
+/// The probe result holds for one host boot and one QEMU binary.
+fn accel_cache_key() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let qemu = qemu::qemu_binary()
+        .ok()
+        .and_then(|p| std::fs::metadata(&p).ok().map(|m| (p, m.len())))
+        .map(|(p, len)| format!("{}:{len}", p.display()))
+        .unwrap_or_default();
+    format!("{}|{qemu}", boot.trim())
+}
+
+/// A receiver that turns true when `pid` no longer exists (for adopted processes, which are not
+/// our children).
+fn watch_pid(pid: u32) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        while nix::sys::signal::kill(pid, None).is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn unavailable(e: impl std::error::Error) -> ServiceError {
+    ServiceError::new(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
+}
+
+fn internal(e: impl std::error::Error) -> ServiceError {
+    ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
+}

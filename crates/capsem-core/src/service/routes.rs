@@ -1,0 +1,243 @@
+//! HTTP front end of the service (axum over `run/service.sock`). Each handler turns its request
+//! into one [`Service`] call; per-VM calls are forwarded to the session's process, and streams
+//! (exec, terminal, run) are upgraded and spliced through.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use hyper::Method;
+use serde::Deserialize;
+
+use super::{DeleteOnDrop, Service, ServiceError};
+use crate::api::{
+    CreateRequest, DeleteResponse, ErrorBody, ListResponse, PurgeRequest, PurgeResponse,
+    RunRequest, SessionInfo, StatusResponse, StreamKind, VersionResponse, API_VERSION,
+};
+use crate::uds_http::{self, take_upgrade, UdsClient};
+
+/// Largest request body accepted (file writes are the big case).
+const BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ServiceError>;
+
+pub fn router(svc: Service) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/status", get(status))
+        .route("/vms/create", post(create))
+        .route("/vms/list", get(list))
+        .route("/vms/{id}/info", get(info))
+        .route("/vms/{id}/logs", get(logs))
+        .route("/vms/{id}/delete", delete(remove))
+        .route("/vms/{id}", delete(remove))
+        .route("/vms/{id}/exec", post(forward))
+        .route("/vms/{id}/files/read", post(forward))
+        .route("/vms/{id}/files/write", post(forward))
+        .route("/vms/{id}/bench/echo", post(forward))
+        .route("/vms/{id}/exec/stream", post(stream))
+        .route("/vms/{id}/terminal", post(stream))
+        .route("/run", post(run))
+        .route("/purge", post(purge))
+        .with_state(svc)
+}
+
+async fn version() -> Json<VersionResponse> {
+    Json(VersionResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        api_version: API_VERSION,
+        protocol_version: capsem_proto::PROTOCOL_VERSION,
+    })
+}
+
+async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
+    let assets = crate::image::load(&svc.home().assets_root())
+        .ok()
+        .map(|a| a.dir.display().to_string());
+    Json(StatusResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        home: svc.home().root().display().to_string(),
+        sessions: svc.count().await,
+        accel: svc.accel_known().map(|a| a.as_str().to_string()),
+        assets,
+    })
+}
+
+/// Parse a JSON body, answering 400 with the reason when it does not fit.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
+    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    serde_json::from_slice(body)
+        .map_err(|e| ServiceError::new(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+}
+
+async fn create(State(svc): State<Service>, body: Bytes) -> ApiResult<SessionInfo> {
+    let req: CreateRequest = parse(&body)?;
+    // Boot in a task of its own: a client that disconnects mid-boot must not leave a
+    // half-made session behind, and the boot must not be cancelled half way.
+    let task = tokio::spawn(async move { svc.create(req).await });
+    task.await
+        .map_err(|_| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "create task failed"))?
+        .map(Json)
+}
+
+async fn list(State(svc): State<Service>) -> Json<ListResponse> {
+    Json(ListResponse {
+        sandboxes: svc.list().await,
+    })
+}
+
+async fn info(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<SessionInfo> {
+    svc.info(&id).await.map(Json)
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    tail: Option<usize>,
+}
+
+async fn logs(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<crate::api::LogsResponse> {
+    svc.logs(&id, q.tail).await.map(Json)
+}
+
+async fn remove(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<DeleteResponse> {
+    let task = tokio::spawn(async move { svc.delete(&id).await });
+    let id = task
+        .await
+        .map_err(|_| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "delete task failed"))??;
+    Ok(Json(DeleteResponse { id }))
+}
+
+async fn purge(State(svc): State<Service>, body: Bytes) -> ApiResult<PurgeResponse> {
+    let req: PurgeRequest = parse(&body)?;
+    let task = tokio::spawn(async move { svc.purge(req.all).await });
+    let deleted = task
+        .await
+        .map_err(|_| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "purge task failed"))?;
+    Ok(Json(PurgeResponse { deleted }))
+}
+
+/// The per-VM path after `/vms/{id}`.
+fn vm_subpath(uri: &hyper::Uri) -> String {
+    let p = uri.path();
+    let rest = p.trim_start_matches("/vms/");
+    match rest.find('/') {
+        Some(i) => rest[i..].to_string(),
+        None => "/".to_string(),
+    }
+}
+
+/// Forward a JSON call to the session's process and relay its answer.
+async fn forward(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: hyper::Uri,
+    body: Bytes,
+) -> Response {
+    let (_, client) = match svc.instance(&id).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    match client.raw(method, &vm_subpath(&uri), Some(body.to_vec())).await {
+        Ok((status, bytes)) => (
+            status,
+            [(hyper::header::CONTENT_TYPE, "application/json")],
+            Body::from(bytes),
+        )
+            .into_response(),
+        Err(e) => ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response(),
+    }
+}
+
+/// Upgrade both the client's connection and one to the process, then splice them. The optional
+/// guard (a temporary session) is dropped — deleting the session — when the splice ends.
+async fn splice(
+    client_up: hyper::upgrade::OnUpgrade,
+    instance: UdsClient,
+    path: &str,
+    guard: Option<DeleteOnDrop>,
+) -> Response {
+    let mut vm_io = match instance.upgrade(path, &serde_json::json!({})).await {
+        Ok(io) => io,
+        Err(e) => {
+            drop(guard);
+            return ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response();
+        }
+    };
+    tokio::spawn(async move {
+        let _guard = guard;
+        if let Ok(up) = client_up.await {
+            let mut client_io = hyper_util::rt::TokioIo::new(up);
+            let _ = tokio::io::copy_bidirectional(&mut client_io, &mut vm_io).await;
+        }
+    });
+    uds_http::switching_protocols()
+}
+
+async fn stream(State(svc): State<Service>, Path(id): Path<String>, mut req: Request) -> Response {
+    let Some(up) = take_upgrade(&mut req) else {
+        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade").into_response();
+    };
+    let sub = vm_subpath(req.uri());
+    match svc.instance(&id).await {
+        Ok((_, client)) => splice(up, client, &sub, None).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /run`: a temporary session that lives exactly as long as the upgraded stream.
+async fn run(State(svc): State<Service>, mut req: Request) -> Response {
+    let Some(up) = take_upgrade(&mut req) else {
+        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade").into_response();
+    };
+    let body = match axum::body::to_bytes(req.into_body(), BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => return ServiceError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    let run: RunRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let create = CreateRequest {
+        ram_mb: run.ram_mb,
+        cpus: run.cpus,
+        env: run.env,
+        persistent: Some(false),
+        ..Default::default()
+    };
+    // Boot in its own task; if this handler is dropped (client gone) before it gets the
+    // session, the task deletes it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let boot_svc = svc.clone();
+    tokio::spawn(async move {
+        let res = boot_svc.create(create).await;
+        if let Err(Ok(info)) = tx.send(res) {
+            let _ = boot_svc.delete(&info.id).await;
+        }
+    });
+    let info = match rx.await {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => return e.into_response(),
+        Err(_) => return ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "boot task failed").into_response(),
+    };
+    let guard = DeleteOnDrop::new(svc.clone(), info.id.clone());
+    let client = UdsClient::new(svc.home().instance_socket(&info.id));
+    let path = match run.stream {
+        StreamKind::Exec => "/exec/stream",
+        StreamKind::Terminal => "/terminal",
+    };
+    splice(up, client, path, Some(guard)).await
+}

@@ -1,0 +1,141 @@
+//! Starting one `capsem-process`: detached in its own session (so it outlives the service),
+//! logging to `sessions/<id>/process.log`, and reporting readiness on an inherited pipe as one
+//! JSON line ([`ReadyLine`]).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::api::VmInfo;
+use crate::hypervisor::Accel;
+use crate::paths::Home;
+
+/// The fd number the child finds its ready pipe on.
+pub const READY_FD: i32 = 3;
+
+/// Environment variable naming the capsem-process binary (default: beside the current binary).
+pub const PROCESS_BIN_ENV: &str = "CAPSEM_PROCESS_BIN";
+
+/// What the child writes on the ready pipe.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyLine {
+    Ready(VmInfo),
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("capsem-process not found at {0}: build the workspace (`cargo build --release`) or set CAPSEM_PROCESS_BIN")]
+    Missing(PathBuf),
+    #[error("could not start capsem-process")]
+    Io(#[from] std::io::Error),
+    #[error("the VM did not become ready within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Failed(String),
+    #[error("capsem-process exited before the VM was ready; see `capsem logs`: {0}")]
+    Died(String),
+}
+
+/// A binary installed beside the running one (`target/release/capsem` → `capsem-process`).
+pub fn sibling_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env).filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub info: VmInfo,
+}
+
+/// Start the process for session `id` and wait until its VM is ready.
+pub async fn start(home: &Home, id: &str, accel: Accel, limit: Duration) -> Result<Spawned, SpawnError> {
+    let bin = sibling_binary("capsem-process", PROCESS_BIN_ENV);
+    if !bin.is_file() {
+        return Err(SpawnError::Missing(bin));
+    }
+    let dir = home.session_dir(id);
+    let log = private_log(&dir.join("process.log"))?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.arg("--id")
+        .arg(id)
+        .arg("--accel")
+        .arg(accel.as_str())
+        .arg("--ready-fd")
+        .arg(READY_FD.to_string())
+        .env(crate::paths::HOME_ENV, home.root())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(false);
+    let w = write_end.as_raw_fd();
+    // SAFETY: setsid and dup2 are async-signal-safe; they only affect the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::dup2(w, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(write_end);
+    let line = tokio::select! {
+        r = tokio::time::timeout(limit, read_all(read_end)) => match r {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(SpawnError::Timeout(limit));
+            }
+        },
+    };
+    match serde_json::from_slice::<ReadyLine>(line.trim_ascii()) {
+        Ok(ReadyLine::Ready(info)) => Ok(Spawned { child, info }),
+        Ok(ReadyLine::Failed(msg)) => {
+            let _ = child.wait().await;
+            Err(SpawnError::Failed(msg))
+        }
+        Err(_) => {
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            Err(SpawnError::Died(format!("{status}; {}", tail_of(&dir.join("process.log"), 3))))
+        }
+    }
+}
+
+async fn read_all(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    let mut buf = Vec::new();
+    rx.read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
+fn private_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Last `n` lines of a text file, joined with " | " (for one-line error messages).
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}

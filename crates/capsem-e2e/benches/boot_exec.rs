@@ -1,0 +1,149 @@
+//! Boot and exec benchmark (issue 2, P1 and P2). Run: `cargo bench -p capsem-e2e --bench boot_exec`
+//! after `scripts/test.sh` (or `capsem setup`) has built the guest image; `BENCH_RUNS` sets the
+//! number of runs (default 10). Everything is measured in one sitting and reported as medians.
+//!
+//! - P1: wall time of `capsem run true` (service already running) ÷ wall time of raw QEMU booting
+//!   the same kernel + initrd to `/init` and powering off (the agent's probe mode, the same
+//!   command line capsem's KVM probe uses).
+//! - P2: API exec round trip of `true` on a running session (p50), next to the channel echo p50
+//!   (measured inside capsem-process) and the guest's own spawn→reap time of `true` (p50, timed
+//!   in the guest). Added overhead = exec − echo − spawn.
+//! - Boot → exec-ready of `create`, and RSS of QEMU + capsem-process for an idle `--ram 4` session.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use capsem_core::api::{CreateRequest, EchoBenchRequest, EchoBenchResponse, ExecRequest, ExecResponse, SessionInfo};
+use capsem_core::hypervisor::qemu;
+use capsem_core::uds_http::UdsClient;
+use capsem_e2e::Env;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    std::env::set_var("CAPSEM_E2E", "1");
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let env = Env::new().expect("guest image and binaries");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let client = UdsClient::new(env.path().join("run/service.sock"));
+
+    // Warm up: start the service, probe the accelerator, fill the page cache.
+    env.ok(&["run", "true"]);
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    let accel = status["accel"].as_str().unwrap_or("tcg").to_string();
+    let assets = capsem_core::image::load(&env.path().join("assets")).unwrap();
+
+    // ---- P1 ----
+    let qemu_bin = qemu::qemu_binary().unwrap();
+    let mut raw = Vec::new();
+    let mut ours = Vec::new();
+    for _ in 0..runs {
+        raw.push(raw_boot(&qemu_bin, &assets.vmlinuz, &assets.initrd, &accel));
+        let t = Instant::now();
+        let out = env.cmd(&["run", "true"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let raw_p50 = median(&mut raw);
+    let ours_p50 = median(&mut ours);
+
+    // ---- boot → exec-ready, RSS, P2 ----
+    let mut create_ms = Vec::new();
+    let mut boot_wall = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let info: SessionInfo = rt
+            .block_on(client.post("/vms/create", &CreateRequest { ram_mb: Some(1024), cpus: Some(1), ..Default::default() }))
+            .unwrap();
+        create_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        boot_wall.push(info.vm.as_ref().unwrap().boot_wall_ms as f64);
+        env.ok(&["delete", &info.id]);
+    }
+    let info: SessionInfo = rt
+        .block_on(client.post("/vms/create", &CreateRequest { ram_mb: Some(4096), cpus: Some(2), ..Default::default() }))
+        .unwrap();
+    let vm = info.vm.clone().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let rss_qemu = rss_kib(vm.qemu_pid);
+    let rss_proc = rss_kib(vm.process_pid);
+
+    let n = 200;
+    let exec_path = format!("/vms/{}/exec", info.id);
+    let req = ExecRequest { command: "true".into(), ..Default::default() };
+    let mut exec_ms = Vec::new();
+    let mut spawn_ms = Vec::new();
+    rt.block_on(async {
+        for i in 0..n + 20 {
+            let t = Instant::now();
+            let r: ExecResponse = client.post(&exec_path, &req).await.unwrap();
+            let el = t.elapsed().as_secs_f64() * 1000.0;
+            if i >= 20 {
+                exec_ms.push(el);
+                spawn_ms.push(r.guest_spawn_us as f64 / 1000.0);
+            }
+        }
+    });
+    let echo: EchoBenchResponse = rt
+        .block_on(client.post(&format!("/vms/{}/bench/echo", info.id), &EchoBenchRequest { count: n as u32 + 20, size: 0 }))
+        .unwrap();
+    let mut echo_ms: Vec<f64> = echo.samples_us[20..].iter().map(|u| *u as f64 / 1000.0).collect();
+    env.ok(&["delete", &info.id]);
+
+    let exec_p50 = median(&mut exec_ms);
+    let exec_p99 = pct(&mut exec_ms, 0.99);
+    let echo_p50 = median(&mut echo_ms);
+    let spawn_p50 = median(&mut spawn_ms);
+    println!("machine: {} cores, accel {accel}, runs {runs}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("P1 raw QEMU boot to /init + poweroff   p50 {raw_p50:8.1} ms");
+    println!("P1 capsem run true                     p50 {ours_p50:8.1} ms");
+    println!("P1 ratio                                   {:8.3}  (target <= 1.15)", ours_p50 / raw_p50);
+    println!("create (API) boot -> exec-ready        p50 {:8.1} ms (QEMU launch -> guest ready p50 {:.1} ms)", median(&mut create_ms), median(&mut boot_wall));
+    println!("P2 exec `true` round trip (API)        p50 {exec_p50:8.3} ms  p99 {exec_p99:.3} ms  (n={n})");
+    println!("P2 channel echo (in capsem-process)    p50 {echo_p50:8.3} ms");
+    println!("P2 guest spawn+wait of `true`          p50 {spawn_p50:8.3} ms");
+    println!("P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms)", exec_p50 - echo_p50 - spawn_p50);
+    println!("RSS idle --ram 4 session: qemu {} MiB + capsem-process {} MiB = {} MiB", rss_qemu / 1024, rss_proc / 1024, (rss_qemu + rss_proc) / 1024);
+    let _ = PathBuf::new();
+}
+
+/// Raw QEMU boot of the same kernel + initrd to `/init`, which prints the probe line and powers
+/// off; wall time to QEMU's exit, in ms.
+fn raw_boot(qemu_bin: &std::path::Path, kernel: &std::path::Path, initrd: &std::path::Path, accel: &str) -> f64 {
+    let mut append = "console=ttyS0 quiet panic=-1 capsem.probe=1".to_string();
+    if accel == "tcg" {
+        if let Some(khz) = qemu::host_tsc_khz() {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    let t = Instant::now();
+    let out = Command::new(qemu_bin)
+        .args(["-M", &format!("microvm,accel={accel},x-option-roms=off"), "-m", "4096M", "-smp", "4"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).arg("-append").arg(&append)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(String::from_utf8_lossy(&out.stdout).contains(qemu::PROBE_MARKER), "raw boot did not reach /init");
+    ms
+}

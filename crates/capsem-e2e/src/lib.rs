@@ -1,0 +1,181 @@
+//! Harness for the end-to-end tests: each [`Env`] is a private `CAPSEM_HOME` (with the guest
+//! image linked in from `$CAPSEM_E2E_HOME`, built by `scripts/test.sh`), driven through the real
+//! `capsem` binary. Dropping it stops the service and checks that no VM of it is left.
+//!
+//! With `CAPSEM_E2E=1` (CI) a missing image or QEMU fails the test; without it the tests are
+//! skipped with a note, so `cargo test` works on a machine that has not built an image.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Env {
+    pub home: tempfile::TempDir,
+    pub bin: PathBuf,
+}
+
+/// `target/<profile>`, found from the test executable's own path.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn e2e_home() -> PathBuf {
+    std::env::var_os("CAPSEM_E2E_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/e2e-home"))
+}
+
+fn required() -> bool {
+    std::env::var("CAPSEM_E2E").map(|v| v == "1").unwrap_or(false)
+}
+
+impl Env {
+    /// A fresh home with the guest image, or `None` (test skipped) when the image or QEMU is
+    /// missing and `CAPSEM_E2E` is not set.
+    pub fn new() -> Option<Env> {
+        let assets = e2e_home().join("assets");
+        let bin = bin_dir();
+        let mut missing = Vec::new();
+        if !assets.join(format!("v{}", env!("CARGO_PKG_VERSION"))).join("manifest.json").is_file() {
+            missing.push(format!("guest image in {} (run scripts/test.sh)", assets.display()));
+        }
+        if which("qemu-system-x86_64").is_none() {
+            missing.push("qemu-system-x86_64".to_string());
+        }
+        for b in ["capsem", "capsem-service", "capsem-process"] {
+            if !bin.join(b).is_file() {
+                missing.push(format!("{} (cargo build --workspace)", bin.join(b).display()));
+            }
+        }
+        if !missing.is_empty() {
+            if required() {
+                panic!("CAPSEM_E2E=1 but missing: {}", missing.join(", "));
+            }
+            eprintln!("skipping e2e test: missing {}", missing.join(", "));
+            return None;
+        }
+        let env = Env::bare();
+        std::os::unix::fs::symlink(&assets, env.home.path().join("assets")).expect("link assets");
+        // Reuse the accelerator probe of the image home if it has one (it is per host boot).
+        let cache = e2e_home().join("run/accel.json");
+        if cache.is_file() {
+            std::fs::create_dir_all(env.home.path().join("run")).unwrap();
+            std::fs::copy(&cache, env.home.path().join("run/accel.json")).unwrap();
+        }
+        Some(env)
+    }
+
+    /// A home with no guest image (for the "assets missing" checks).
+    pub fn bare() -> Env {
+        let home = tempfile::Builder::new()
+            .prefix("capsem-e2e-")
+            .tempdir_in("/tmp")
+            .expect("temp home");
+        Env { home, bin: bin_dir() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.home.path()
+    }
+
+    /// A `capsem` command with this home.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join("capsem"));
+        c.args(args)
+            .env("CAPSEM_HOME", self.home.path())
+            .env_remove("CAPSEM_UDS_PATH")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run `capsem args…` to completion.
+    pub fn capsem(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run capsem")
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.capsem(args);
+        assert!(
+            out.status.success(),
+            "capsem {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Ids of the sessions the service lists.
+    pub fn ids(&self) -> Vec<String> {
+        self.ok(&["list", "-q"]).lines().map(str::to_string).collect()
+    }
+
+    /// PIDs of processes whose command line mentions this home (QEMU, capsem-process, service).
+    pub fn processes(&self, pattern: &str) -> Vec<u32> {
+        processes_matching(&[self.home.path().to_str().unwrap(), pattern])
+    }
+
+    /// Wait until `f` holds, up to `limit`.
+    pub fn wait_until(&self, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        f()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        // Anything still alive is a leak: kill it so other tests are not disturbed.
+        for pid in processes_matching(&[self.home.path().to_str().unwrap()]) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Every process whose `/proc/<pid>/cmdline` or environment-free command line contains all of
+/// `needles` (the service and capsem-process carry the home in `CAPSEM_HOME`, QEMU in its paths).
+pub fn processes_matching(needles: &[&str]) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let mut text = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        text.extend(std::fs::read(e.path().join("environ")).unwrap_or_default());
+        let text = String::from_utf8_lossy(&text).replace('\0', " ");
+        if needles.iter().all(|n| text.contains(n)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

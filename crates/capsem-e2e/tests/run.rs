@@ -1,0 +1,71 @@
+//! `capsem run`: exit codes, separate streams, environment, binary-safe output, timeouts — each
+//! in a real VM that must be gone afterwards.
+
+use std::time::{Duration, Instant};
+
+use capsem_e2e::{sha256_hex, stderr, stdout, Env};
+
+fn assert_nothing_left(env: &Env) {
+    assert!(
+        env.wait_until(Duration::from_secs(5), || env.ids().is_empty()),
+        "sessions left: {:?}",
+        env.ids()
+    );
+    assert!(
+        env.wait_until(Duration::from_secs(5), || env.processes("qemu-system").is_empty()
+            && env.processes("capsem-process").is_empty()),
+        "processes left"
+    );
+    let sessions = env.path().join("sessions");
+    let left: Vec<_> = std::fs::read_dir(&sessions).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "session directories left: {left:?}");
+}
+
+#[test]
+fn exit_code_streams_and_env() {
+    let Some(env) = Env::new() else { return };
+    let out = env.capsem(&["run", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+
+    let out = env.capsem(&["run", "echo to-out; echo to-err >&2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "to-out\n");
+    assert!(stderr(&out).contains("to-err\n"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("to-err"));
+
+    let out = env.capsem(&["run", "-e", "GREETING=hello world", "-e", "N=42", "echo \"$GREETING:$N\""]);
+    assert_eq!(stdout(&out), "hello world:42\n", "{}", stderr(&out));
+
+    let out = env.capsem(&["run", "python3 -c 'print(1+1)'"]);
+    assert_eq!(stdout(&out), "2\n", "{}", stderr(&out));
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn five_mib_binary_stream_is_byte_identical() {
+    let Some(env) = Env::new() else { return };
+    // The guest hashes what it sends (on stderr); we hash what arrives (stdout).
+    let out = env.capsem(&[
+        "run",
+        "head -c 5M /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 5 * 1024 * 1024);
+    let guest_sum = stderr(&out).split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(sha256_hex(&out.stdout), guest_sum);
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn timeout_kills_and_cleans_up() {
+    let Some(env) = Env::new() else { return };
+    // Boot first so the measured time is the run, not the accelerator probe.
+    env.ok(&["run", "true"]);
+    let t = Instant::now();
+    let out = env.capsem(&["run", "--timeout", "2", "sleep 60"]);
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_nothing_left(&env);
+}

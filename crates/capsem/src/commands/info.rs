@@ -1,0 +1,39 @@
+//! `capsem info SESSION [--json]`.
+
+use capsem_core::api::SessionInfo;
+
+use crate::cli::InfoArgs;
+use crate::client::Target;
+
+pub async fn run(target: &Target, a: InfoArgs) -> anyhow::Result<i32> {
+    let info: SessionInfo = target
+        .connect()
+        .await?
+        .get(&format!("/vms/{}/info", super::seg(&a.session)))
+        .await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(0);
+    }
+    let kind = if info.persistent { "persistent" } else { "ephemeral" };
+    println!("Session     {}", info.name.as_deref().unwrap_or(&info.id));
+    println!("  id        {}", info.id);
+    println!("  status    {} ({kind})", info.status.as_str());
+    println!("  resources {} MiB RAM, {} CPUs", info.ram_mb, info.cpus);
+    println!("  uptime    {}", super::human_secs(info.uptime_secs));
+    println!("  assets    v{}", info.asset_version);
+    if !info.env_keys.is_empty() {
+        println!("  env       {}", info.env_keys.join(", "));
+    }
+    if let Some(vm) = &info.vm {
+        println!("VM");
+        println!("  backend   {} ({})", vm.hypervisor, vm.accel);
+        println!("  pids      process {}, qemu {}", vm.process_pid, vm.qemu_pid);
+        println!("  guest     agent {} on Linux {}", vm.agent_version, vm.kernel_release);
+        println!(
+            "  boot      {} ms to ready (guest: init {} ms, modules {} ms, rootfs {} ms, ready {} ms)",
+            vm.boot_wall_ms, vm.boot.init_ms, vm.boot.modules_ms, vm.boot.rootfs_ms, vm.boot.ready_ms
+        );
+    }
+    Ok(0)
+}

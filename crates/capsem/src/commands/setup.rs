@@ -1,0 +1,122 @@
+//! `capsem setup` and `capsem image build`: build the guest assets from Debian packages, with a
+//! progress line per step. Re-running with unchanged inputs does nothing.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use capsem_core::image::{self, BuildOptions, BuildProgress};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{ImageBuildArgs, SetupArgs};
+use crate::client::Target;
+
+pub async fn setup(target: &Target, a: SetupArgs) -> anyhow::Result<i32> {
+    // There is nothing to ask yet; --non-interactive is accepted for scripts.
+    let _ = a.non_interactive;
+    build(target, a.force, None).await
+}
+
+pub async fn image_build(target: &Target, a: ImageBuildArgs) -> anyhow::Result<i32> {
+    build(target, a.force, a.agent).await
+}
+
+async fn build(target: &Target, force: bool, agent: Option<PathBuf>) -> anyhow::Result<i32> {
+    let agent = match agent {
+        Some(p) => p,
+        None => find_agent()?,
+    };
+    if !agent.is_file() {
+        bail!("guest agent binary not found at {}", agent.display());
+    }
+    let home = target.home.clone();
+    home.ensure()
+        .with_context(|| format!("cannot create {}", home.root().display()))?;
+    let mut opts = BuildOptions::new(home.assets_root(), home.cache_dir(), agent);
+    opts.force = force;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let progress = Bars::default();
+        let r = image::build(&opts, &progress);
+        progress.finish();
+        r
+    })
+    .await
+    .context("the image build task failed")??;
+    if outcome.rebuilt.is_empty() {
+        println!("guest image up to date in {}", outcome.assets.dir.display());
+    } else {
+        println!(
+            "guest image built in {:.1}s ({}) in {}",
+            outcome.secs,
+            outcome.rebuilt.join(", "),
+            outcome.assets.dir.display()
+        );
+    }
+    Ok(0)
+}
+
+/// The static guest agent: `$CAPSEM_AGENT_BIN`, else the musl build beside this binary's
+/// target directory (`target/x86_64-unknown-linux-musl/release/capsem-agent`), else an
+/// installed `capsem-agent.musl` next to this binary.
+fn find_agent() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary has no directory")?;
+    let mut candidates = vec![dir.join("capsem-agent.musl")];
+    if let Some(target_dir) = dir.parent() {
+        for profile in ["release", "debug"] {
+            candidates.push(
+                target_dir
+                    .join("x86_64-unknown-linux-musl")
+                    .join(profile)
+                    .join("capsem-agent"),
+            );
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "the static guest agent is not built: run `cargo build --release -p capsem-agent --target x86_64-unknown-linux-musl` or pass --agent",
+    )
+}
+
+/// One spinner per build step on stderr (drawn only on a terminal; plain lines otherwise).
+#[derive(Default)]
+struct Bars {
+    current: Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn finish(&self) {
+        if let Some(pb) = self.current.lock().expect("lock").take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+impl BuildProgress for Bars {
+    fn step(&self, index: usize, total: usize, name: &str) {
+        self.finish();
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} [{prefix}] {msg} ({elapsed})")
+                .expect("static template"),
+        );
+        pb.set_prefix(format!("{}/{} {name}", index + 1, total));
+        pb.enable_steady_tick(Duration::from_millis(120));
+        if pb.is_hidden() {
+            eprintln!("[{}/{}] {name}", index + 1, total);
+        }
+        *self.current.lock().expect("lock") = Some(pb);
+    }
+
+    fn detail(&self, text: &str) {
+        if let Some(pb) = self.current.lock().expect("lock").as_ref() {
+            let t: String = text.chars().take(70).collect();
+            pb.set_message(t);
+        }
+    }
+
+    fn done(&self, name: &str, secs: f64) {
+        self.finish();
+        eprintln!("  done: {name} ({secs:.1}s)");
+    }
+}

@@ -1,0 +1,49 @@
+//! The local terminal: raw mode (restored on drop) and window size.
+
+use std::os::fd::BorrowedFd;
+
+use nix::sys::termios::{self, SetArg, Termios};
+
+/// Puts stdin in raw mode until dropped.
+pub struct RawMode {
+    saved: Termios,
+}
+
+impl RawMode {
+    pub fn enable() -> nix::Result<Self> {
+        let fd = stdin_fd();
+        let saved = termios::tcgetattr(fd)?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(fd, SetArg::TCSANOW, &raw)?;
+        Ok(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(stdin_fd(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+fn stdin_fd() -> BorrowedFd<'static> {
+    // SAFETY: fd 0 stays open for the life of the process.
+    unsafe { BorrowedFd::borrow_raw(0) }
+}
+
+pub fn is_tty(fd: i32) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// (cols, rows) of the terminal on stdout or stdin, or 80x24.
+pub fn size() -> (u16, u16) {
+    for fd in [1, 0, 2] {
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_col > 0 {
+            return (ws.ws_col, ws.ws_row);
+        }
+    }
+    (80, 24)
+}

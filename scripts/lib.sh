@@ -1,0 +1,39 @@
+# Shared by the setup and test scripts: install what capsem needs on Debian/Ubuntu and build it.
+# Fails loudly: any missing piece stops the script with a message saying what is missing.
+
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MUSL_TARGET=x86_64-unknown-linux-musl
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap squashfs-tools e2fsprogs kmod cpio tmux ca-certificates)
+
+die() { echo "error: $*" >&2; exit 1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install_prereqs() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing apt packages: ${missing[*]}"
+        as_root apt-get update -qq || die "apt-get update failed"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+            || die "apt-get install ${missing[*]} failed"
+    fi
+    command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET"; then
+        echo "==> adding the $MUSL_TARGET Rust target"
+        rustup target add "$MUSL_TARGET" || die "rustup target add $MUSL_TARGET failed"
+    fi
+    for tool in qemu-system-x86_64 qemu-img mmdebstrap mksquashfs mkfs.ext4 depmod; do
+        command -v "$tool" >/dev/null || die "$tool still missing after installing packages"
+    done
+}
+
+build_all() {
+    echo "==> building capsem (release)"
+    (cd "$ROOT" && cargo build --release --workspace --locked) || die "cargo build failed"
+    echo "==> building the guest agent ($MUSL_TARGET)"
+    (cd "$ROOT" && cargo build --release --locked -p capsem-agent --target "$MUSL_TARGET") \
+        || die "building capsem-agent for $MUSL_TARGET failed"
+}
