@@ -1,0 +1,92 @@
+//! System setup inside the new root: devpts (with a usable `/dev/ptmx`), tmpfs on `/tmp`, `/run`
+//! and `/dev/shm`, the `/dev/fd` links, `lo` up and the hostname.
+
+use std::io;
+
+use nix::mount::MsFlags;
+
+use super::{mkdir, mount, BootError};
+
+/// Create a symlink, leaving an existing entry alone.
+fn link(target: &str, path: &str) -> Result<(), BootError> {
+    match std::os::unix::fs::symlink(target, path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(BootError::Mkdir {
+            path: path.into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `lo` up and the hostname (needs no root filesystem).
+pub fn network_and_hostname(hostname: &str) -> Result<(), BootError> {
+    loopback_up().map_err(BootError::Loopback)?;
+    nix::unistd::sethostname(hostname).map_err(|e| BootError::Hostname(e.into()))?;
+    Ok(())
+}
+
+/// The mounts and links of the new root (after the switch).
+pub fn mounts() -> Result<(), BootError> {
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mkdir("/dev/pts")?;
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    // /dev/ptmx must reach this devpts instance.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    link("pts/ptmx", "/dev/ptmx")?;
+    mkdir("/dev/shm")?;
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=1777"),
+    )?;
+    mkdir("/tmp")?;
+    mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    mkdir("/run")?;
+    mount("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
+    link("/proc/self/fd", "/dev/fd")?;
+    link("/proc/self/fd/0", "/dev/stdin")?;
+    link("/proc/self/fd/1", "/dev/stdout")?;
+    link("/proc/self/fd/2", "/dev/stderr")?;
+    Ok(())
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// `ip link set lo up`, with two ioctls.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a socket we own and close; the ioctls read/write an ifreq-shaped struct we own.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: IfReq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.name[i] = *b as libc::c_char;
+        }
+        let mut r = libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req);
+        if r == 0 {
+            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            r = libc::ioctl(s, libc::SIOCSIFFLAGS as _, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(s);
+        if r < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

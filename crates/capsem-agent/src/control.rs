@@ -1,0 +1,104 @@
+//! Control port (5000): one [`ControlRequest`] in, one [`ControlResponse`] out. The handler
+//! answers and reports a shutdown request back to its caller; it never powers anything off
+//! itself (the caller knows whether this is a VM).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use capsem_proto::control::{ControlRequest, ControlResponse};
+use capsem_proto::frame::{self, FrameError, MAX_FRAME};
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// What the caller must do after the reply went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Shutdown { reboot: bool },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control stream failed")]
+    Frame(#[from] FrameError),
+    #[error("closing the control stream failed")]
+    Close(#[source] std::io::Error),
+}
+
+/// Serve one control stream. With `sync_before_shutdown`, filesystems are synced before a
+/// shutdown request is acknowledged (so `Done` means the data is on disk).
+pub async fn handle<S>(mut stream: S, sync_before_shutdown: bool) -> Result<Outcome, ControlError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(req) = frame::read_frame::<_, ControlRequest>(&mut stream).await? else {
+        return Ok(Outcome::Done);
+    };
+    let (resp, outcome) = match req {
+        ControlRequest::Echo { payload } => (ControlResponse::Echo { payload }, Outcome::Done),
+        ControlRequest::ReadFile { path } => (read_file(&path), Outcome::Done),
+        ControlRequest::WriteFile { path, data, mode } => {
+            (write_file(&path, &data, mode), Outcome::Done)
+        }
+        ControlRequest::Shutdown { reboot } => {
+            if sync_before_shutdown {
+                crate::power::sync();
+            }
+            (ControlResponse::Done, Outcome::Shutdown { reboot })
+        }
+    };
+    frame::write_frame(&mut stream, &resp).await?;
+    stream.shutdown().await.map_err(ControlError::Close)?;
+    Ok(outcome)
+}
+
+fn error(what: &str, path: &str, e: impl std::fmt::Display) -> ControlResponse {
+    ControlResponse::Error {
+        message: format!("{what} {path}: {e}"),
+    }
+}
+
+fn read_file(path: &str) -> ControlResponse {
+    // Leave room for the frame's own header bytes.
+    let limit = (MAX_FRAME - 64) as u64;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return error("cannot read", path, "is a directory"),
+        Ok(m) if m.len() > limit => {
+            return error(
+                "cannot read",
+                path,
+                format!("{} bytes exceeds the {limit}-byte limit", m.len()),
+            )
+        }
+        _ => {}
+    }
+    match std::fs::read(path) {
+        Ok(data) if data.len() as u64 <= limit => ControlResponse::File {
+            data: ByteBuf::from(data),
+        },
+        Ok(data) => error(
+            "cannot read",
+            path,
+            format!("{} bytes exceeds the {limit}-byte limit", data.len()),
+        ),
+        Err(e) => error("cannot read", path, e),
+    }
+}
+
+fn write_file(path: &str, data: &[u8], mode: Option<u32>) -> ControlResponse {
+    let p = Path::new(path);
+    if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            return error("cannot create the parent of", path, e);
+        }
+    }
+    if let Err(e) = std::fs::write(p, data) {
+        return error("cannot write", path, e);
+    }
+    if let Some(mode) = mode {
+        if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)) {
+            return error("cannot chmod", path, e);
+        }
+    }
+    ControlResponse::Done
+}
