@@ -9,17 +9,30 @@ APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap squashfs-tools e2fsprogs kmo
 die() { echo "error: $*" >&2; exit 1; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-install_prereqs() {
-    local missing=()
+missing_packages() {
+    local p
     for p in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
     done
-    if [ ${#missing[@]} -gt 0 ]; then
+}
+
+install_prereqs() {
+    local missing updated=0 round
+    # Two rounds: installing QEMU can remove a newer qemu-utils that conflicts with it (seen with
+    # a backported qemu-utils); the second round puts back the matching one.
+    for round in 1 2; do
+        mapfile -t missing < <(missing_packages)
+        [ ${#missing[@]} -eq 0 ] && break
         echo "==> installing apt packages: ${missing[*]}"
-        as_root apt-get update -qq || die "apt-get update failed"
+        if [ $updated -eq 0 ]; then
+            as_root apt-get update -qq || die "apt-get update failed"
+            updated=1
+        fi
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
             || die "apt-get install ${missing[*]} failed"
-    fi
+    done
+    mapfile -t missing < <(missing_packages)
+    [ ${#missing[@]} -eq 0 ] || die "apt packages still missing: ${missing[*]}"
     command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
     if ! rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET"; then
         echo "==> adding the $MUSL_TARGET Rust target"

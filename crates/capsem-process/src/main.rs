@@ -51,6 +51,11 @@ fn main() -> ExitCode {
         accel: Accel::parse(&args.accel).expect("clap checked the value"),
     };
     let ready_fd = args.ready_fd;
+    if let Some(fd) = ready_fd {
+        // Keep the ready pipe out of QEMU, or the service would never see it close.
+        // SAFETY: F_SETFD on an fd we were handed; no memory is involved.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let report = move |res: Result<&capsem_core::api::VmInfo, &instance::InstanceError>| {
         let Some(fd) = ready_fd else { return };
         let line = match res {

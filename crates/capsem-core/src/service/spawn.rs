@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
+use tokio::io::AsyncBufReadExt;
 
 use crate::api::VmInfo;
 use crate::hypervisor::Accel;
@@ -96,7 +96,7 @@ pub async fn start(home: &Home, id: &str, accel: Accel, limit: Duration) -> Resu
     let mut child = cmd.spawn()?;
     drop(write_end);
     let line = tokio::select! {
-        r = tokio::time::timeout(limit, read_all(read_end)) => match r {
+        r = tokio::time::timeout(limit, read_line(read_end)) => match r {
             Ok(r) => r?,
             Err(_) => {
                 let _ = child.start_kill();
@@ -117,11 +117,12 @@ pub async fn start(home: &Home, id: &str, accel: Accel, limit: Duration) -> Resu
     }
 }
 
-async fn read_all(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
-    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
-    let mut buf = Vec::new();
-    rx.read_to_end(&mut buf).await?;
-    Ok(buf)
+/// Read the ready line: up to the first newline, or to EOF if the child dies first.
+async fn read_line(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    let mut line = Vec::new();
+    tokio::io::BufReader::new(rx).read_until(b'\n', &mut line).await?;
+    Ok(line)
 }
 
 fn private_log(path: &Path) -> std::io::Result<std::fs::File> {
