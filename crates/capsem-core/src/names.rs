@@ -17,7 +17,9 @@ pub fn new_id() -> String {
 }
 
 pub fn is_id(s: &str) -> bool {
-    s.len() == 12 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 12
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 pub fn validate_name(name: &str) -> Result<(), NameError> {
@@ -49,7 +51,11 @@ pub fn resolve<'a, I>(query: &str, sessions: I) -> Lookup<'a>
 where
     I: IntoIterator<Item = (&'a str, Option<&'a str>)> + Clone,
 {
-    if let Some((id, _)) = sessions.clone().into_iter().find(|(_, n)| *n == Some(query)) {
+    if let Some((id, _)) = sessions
+        .clone()
+        .into_iter()
+        .find(|(_, n)| *n == Some(query))
+    {
         return Lookup::Found(id);
     }
     if let Some((id, _)) = sessions.clone().into_iter().find(|(id, _)| *id == query) {
@@ -82,7 +88,10 @@ mod tests {
         for bad in ["", "-x", ".x", "a b", "a/b", "ä", &"a".repeat(64), "x;rm"] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
-        assert!(matches!(validate_name("0123456789ab"), Err(NameError::LooksLikeId(_))));
+        assert!(matches!(
+            validate_name("0123456789ab"),
+            Err(NameError::LooksLikeId(_))
+        ));
     }
 
     #[test]
@@ -94,14 +103,17 @@ mod tests {
 
     #[test]
     fn lookup_order() {
-        let s = vec![
+        let s = [
             ("abc123000000", Some("web")),
             ("abd000000000", None),
             ("ffff00000000", Some("abc123000000x")),
         ];
         let it = s.iter().map(|(i, n)| (*i, *n));
         assert_eq!(resolve("web", it.clone()), Lookup::Found("abc123000000"));
-        assert_eq!(resolve("abd000000000", it.clone()), Lookup::Found("abd000000000"));
+        assert_eq!(
+            resolve("abd000000000", it.clone()),
+            Lookup::Found("abd000000000")
+        );
         assert_eq!(resolve("abc", it.clone()), Lookup::Found("abc123000000"));
         assert!(matches!(resolve("ab", it.clone()), Lookup::Ambiguous(v) if v.len() == 2));
         assert_eq!(resolve("zzz", it.clone()), Lookup::NotFound);

@@ -111,7 +111,8 @@ impl Service {
                     tracing::info!(id = %record.id, "adopting running session");
                     let exited = watch_pid(vm.process_pid);
                     let pid = Some(vm.process_pid);
-                    self.insert_adopted(record, Status::Running, Some(vm), exited, pid).await;
+                    self.insert_adopted(record, Status::Running, Some(vm), exited, pid)
+                        .await;
                 }
                 Err(_) if !record.persistent => {
                     tracing::info!(id = %record.id, "removing leftover ephemeral session");
@@ -119,7 +120,8 @@ impl Service {
                 }
                 Err(_) => {
                     let (_tx, rx) = watch::channel(true);
-                    self.insert_adopted(record, Status::Crashed, None, rx, None).await;
+                    self.insert_adopted(record, Status::Crashed, None, rx, None)
+                        .await;
                 }
             }
         }
@@ -157,7 +159,11 @@ impl Service {
         self.inner
             .accel
             .get_or_try_init(|| async {
-                if let Some(a) = std::env::var(ACCEL_ENV).ok().as_deref().and_then(Accel::parse) {
+                if let Some(a) = std::env::var(ACCEL_ENV)
+                    .ok()
+                    .as_deref()
+                    .and_then(Accel::parse)
+                {
                     return Ok(a);
                 }
                 let cache = self.home().accel_cache();
@@ -207,7 +213,7 @@ impl Service {
         }
         let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
         let cpus = req.cpus.unwrap_or(api::DEFAULT_CPUS);
-        if ram_mb < 128 || ram_mb > api::MAX_RAM_MB {
+        if !(128..=api::MAX_RAM_MB).contains(&ram_mb) {
             return Err(ServiceError::bad(format!(
                 "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"
             )));
@@ -273,7 +279,9 @@ impl Service {
             record.save(&dir).map_err(internal)?;
             spawn::start(self.home(), &id, accel, BOOT_LIMIT)
                 .await
-                .map_err(|e| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e)))
+                .map_err(|e| {
+                    ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
+                })
         }
         .await;
         let spawned = match booted {
@@ -380,11 +388,16 @@ impl Service {
         let id = self.resolve(query).await?;
         let (mut exited, pid) = {
             let mut map = self.inner.sessions.lock().await;
-            let e = map.get_mut(&id).ok_or_else(|| ServiceError::not_found(query))?;
+            let e = map
+                .get_mut(&id)
+                .ok_or_else(|| ServiceError::not_found(query))?;
             if e.status == Status::Stopping {
                 return Err(ServiceError::new(
                     StatusCode::CONFLICT,
-                    format!("session {} is already being deleted", e.record.display_name()),
+                    format!(
+                        "session {} is already being deleted",
+                        e.record.display_name()
+                    ),
                 ));
             }
             e.status = Status::Stopping;
@@ -392,7 +405,9 @@ impl Service {
         };
         if !*exited.borrow() {
             let client = UdsClient::new(self.home().instance_socket(&id));
-            let _ = client.post::<_, serde_json::Value>("/kill", &serde_json::json!({})).await;
+            let _ = client
+                .post::<_, serde_json::Value>("/kill", &serde_json::json!({}))
+                .await;
             let gone = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
                 .await
                 .is_ok();
@@ -403,7 +418,8 @@ impl Service {
                         nix::unistd::Pid::from_raw(pid as i32),
                         nix::sys::signal::Signal::SIGKILL,
                     );
-                    let _ = tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
                 }
             }
         }
@@ -423,17 +439,19 @@ impl Service {
                 .map(|e| e.record.id.clone())
                 .collect()
         };
-        let mut deleted = Vec::new();
-        for r in futures::future::join_all(targets.iter().map(|id| self.delete(id))).await {
-            if let Ok(id) = r {
-                deleted.push(id);
-            }
-        }
-        deleted
+        futures::future::join_all(targets.iter().map(|id| self.delete(id)))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Serial console and process log of a session, optionally only the last `tail` lines.
-    pub async fn logs(&self, query: &str, tail: Option<usize>) -> Result<api::LogsResponse, ServiceError> {
+    pub async fn logs(
+        &self,
+        query: &str,
+        tail: Option<usize>,
+    ) -> Result<api::LogsResponse, ServiceError> {
         let id = self.resolve(query).await?;
         let dir = self.home().session_dir(&id);
         let read = |f: &str| {
@@ -471,7 +489,9 @@ impl Service {
             };
             if persistent {
                 let client = UdsClient::new(self.home().instance_socket(id));
-                let _ = client.post::<_, serde_json::Value>("/shutdown", &serde_json::json!({})).await;
+                let _ = client
+                    .post::<_, serde_json::Value>("/shutdown", &serde_json::json!({}))
+                    .await;
             } else {
                 let _ = self.delete(id).await;
             }

@@ -23,7 +23,13 @@ const BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -74,9 +80,17 @@ async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
 
 /// Parse a JSON body, answering 400 with the reason when it does not fit.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
-    let body = if body.is_empty() { b"{}".as_slice() } else { body };
-    serde_json::from_slice(body)
-        .map_err(|e| ServiceError::new(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        ServiceError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
 }
 
 async fn create(State(svc): State<Service>, body: Bytes) -> ApiResult<SessionInfo> {
@@ -114,9 +128,9 @@ async fn logs(
 
 async fn remove(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<DeleteResponse> {
     let task = tokio::spawn(async move { svc.delete(&id).await });
-    let id = task
-        .await
-        .map_err(|_| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "delete task failed"))??;
+    let id = task.await.map_err(|_| {
+        ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "delete task failed")
+    })??;
     Ok(Json(DeleteResponse { id }))
 }
 
@@ -151,14 +165,19 @@ async fn forward(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    match client.raw(method, &vm_subpath(&uri), Some(body.to_vec())).await {
+    match client
+        .raw(method, &vm_subpath(&uri), Some(body.to_vec()))
+        .await
+    {
         Ok((status, bytes)) => (
             status,
             [(hyper::header::CONTENT_TYPE, "application/json")],
             Body::from(bytes),
         )
             .into_response(),
-        Err(e) => ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response(),
+        Err(e) => {
+            ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response()
+        }
     }
 }
 
@@ -174,7 +193,8 @@ async fn splice(
         Ok(io) => io,
         Err(e) => {
             drop(guard);
-            return ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response();
+            return ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e))
+                .into_response();
         }
     };
     tokio::spawn(async move {
@@ -189,7 +209,8 @@ async fn splice(
 
 async fn stream(State(svc): State<Service>, Path(id): Path<String>, mut req: Request) -> Response {
     let Some(up) = take_upgrade(&mut req) else {
-        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade").into_response();
+        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
+            .into_response();
     };
     let sub = vm_subpath(req.uri());
     match svc.instance(&id).await {
@@ -201,7 +222,8 @@ async fn stream(State(svc): State<Service>, Path(id): Path<String>, mut req: Req
 /// `POST /run`: a temporary session that lives exactly as long as the upgraded stream.
 async fn run(State(svc): State<Service>, mut req: Request) -> Response {
     let Some(up) = take_upgrade(&mut req) else {
-        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade").into_response();
+        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
+            .into_response();
     };
     let body = match axum::body::to_bytes(req.into_body(), BODY_LIMIT).await {
         Ok(b) => b,
@@ -231,7 +253,10 @@ async fn run(State(svc): State<Service>, mut req: Request) -> Response {
     let info = match rx.await {
         Ok(Ok(info)) => info,
         Ok(Err(e)) => return e.into_response(),
-        Err(_) => return ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "boot task failed").into_response(),
+        Err(_) => {
+            return ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "boot task failed")
+                .into_response()
+        }
     };
     let guard = DeleteOnDrop::new(svc.clone(), info.id.clone());
     let client = UdsClient::new(svc.home().instance_socket(&info.id));

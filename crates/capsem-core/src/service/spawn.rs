@@ -59,15 +59,20 @@ pub struct Spawned {
 }
 
 /// Start the process for session `id` and wait until its VM is ready.
-pub async fn start(home: &Home, id: &str, accel: Accel, limit: Duration) -> Result<Spawned, SpawnError> {
+pub async fn start(
+    home: &Home,
+    id: &str,
+    accel: Accel,
+    limit: Duration,
+) -> Result<Spawned, SpawnError> {
     let bin = sibling_binary("capsem-process", PROCESS_BIN_ENV);
     if !bin.is_file() {
         return Err(SpawnError::Missing(bin));
     }
     let dir = home.session_dir(id);
     let log = private_log(&dir.join("process.log"))?;
-    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(std::io::Error::from)?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     let mut cmd = tokio::process::Command::new(&bin);
     cmd.arg("--id")
         .arg(id)
@@ -111,8 +116,15 @@ pub async fn start(home: &Home, id: &str, accel: Accel, limit: Duration) -> Resu
             Err(SpawnError::Failed(msg))
         }
         Err(_) => {
-            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-            Err(SpawnError::Died(format!("{status}; {}", tail_of(&dir.join("process.log"), 3))))
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            Err(SpawnError::Died(format!(
+                "{status}; {}",
+                tail_of(&dir.join("process.log"), 3)
+            )))
         }
     }
 }
@@ -121,7 +133,9 @@ pub async fn start(home: &Home, id: &str, accel: Accel, limit: Duration) -> Resu
 async fn read_line(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
     let mut line = Vec::new();
-    tokio::io::BufReader::new(rx).read_until(b'\n', &mut line).await?;
+    tokio::io::BufReader::new(rx)
+        .read_until(b'\n', &mut line)
+        .await?;
     Ok(line)
 }
 
