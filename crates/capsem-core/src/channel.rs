@@ -78,7 +78,10 @@ impl GuestChannel {
             };
             let mut inb = mux::accept(stream).await?;
             if inb.port != port::LIFECYCLE {
-                tracing::warn!(port = inb.port, "guest opened a stream before the handshake");
+                tracing::warn!(
+                    port = inb.port,
+                    "guest opened a stream before the handshake"
+                );
                 continue;
             }
             let ready: GuestReady = frame::expect_frame(&mut inb.stream, "ready").await?;

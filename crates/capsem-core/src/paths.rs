@@ -25,7 +25,10 @@ impl Home {
             return Ok(Home::new(absolute(Path::new(&h))?));
         }
         let home = std::env::var_os("HOME").ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "neither CAPSEM_HOME nor HOME is set")
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "neither CAPSEM_HOME nor HOME is set",
+            )
         })?;
         Ok(Home::new(PathBuf::from(home).join(".capsem")))
     }
@@ -83,7 +86,10 @@ impl Home {
 
 /// Make `dir` (and parents) and set it to 0700.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
@@ -120,12 +126,19 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let home = Home::new(t.path().join("h"));
         home.ensure().unwrap();
-        for d in [home.root().to_path_buf(), home.run_dir(), home.sessions_dir()] {
+        for d in [
+            home.root().to_path_buf(),
+            home.run_dir(),
+            home.sessions_dir(),
+        ] {
             let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700, "{}", d.display());
         }
         let f = home.run_dir().join("x.json");
         write_private(&f, b"{}").unwrap();
-        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

@@ -63,12 +63,13 @@ impl UdsClient {
     async fn connect(
         &self,
     ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
-        let stream = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
@@ -127,7 +128,11 @@ impl UdsClient {
     }
 
     /// POST `body` asking to upgrade; on 101 returns the raw stream.
-    pub async fn upgrade<B: Serialize>(&self, path: &str, body: &B) -> Result<Upgraded, ClientError> {
+    pub async fn upgrade<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Upgraded, ClientError> {
         let mut sender = self.connect().await?;
         let mut req = Self::build(
             Method::POST,
@@ -135,8 +140,14 @@ impl UdsClient {
             Some(serde_json::to_vec(body).expect("request serializes")),
         );
         let h = req.headers_mut();
-        h.insert(hyper::header::CONNECTION, "upgrade".parse().expect("static"));
-        h.insert(hyper::header::UPGRADE, UPGRADE_PROTOCOL.parse().expect("static"));
+        h.insert(
+            hyper::header::CONNECTION,
+            "upgrade".parse().expect("static"),
+        );
+        h.insert(
+            hyper::header::UPGRADE,
+            UPGRADE_PROTOCOL.parse().expect("static"),
+        );
         let resp = sender.send_request(req).await?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
@@ -162,7 +173,10 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     ClientError::Api { status, message }
 }
 
-pub fn decode_response<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+pub fn decode_response<T: DeserializeOwned>(
+    status: StatusCode,
+    body: &[u8],
+) -> Result<T, ClientError> {
     if !status.is_success() {
         return Err(api_error(status, body));
     }

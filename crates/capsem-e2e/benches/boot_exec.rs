@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use capsem_core::api::{CreateRequest, EchoBenchRequest, EchoBenchResponse, ExecRequest, ExecResponse, SessionInfo};
+use capsem_core::api::{
+    CreateRequest, EchoBenchRequest, EchoBenchResponse, ExecRequest, ExecResponse, SessionInfo,
+};
 use capsem_core::hypervisor::qemu;
 use capsem_core::uds_http::UdsClient;
 use capsem_e2e::Env;
@@ -22,7 +24,11 @@ use capsem_e2e::Env;
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -42,9 +48,15 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn main() {
     std::env::set_var("CAPSEM_E2E", "1");
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let env = Env::new().expect("guest image and binaries");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let client = UdsClient::new(env.path().join("run/service.sock"));
 
     // Warm up: start the service, probe the accelerator, fill the page cache.
@@ -61,7 +73,11 @@ fn main() {
         raw.push(raw_boot(&qemu_bin, &assets.vmlinuz, &assets.initrd, &accel));
         let t = Instant::now();
         let out = env.cmd(&["run", "true"]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let raw_p50 = median(&mut raw);
@@ -73,14 +89,28 @@ fn main() {
     for _ in 0..3 {
         let t = Instant::now();
         let info: SessionInfo = rt
-            .block_on(client.post("/vms/create", &CreateRequest { ram_mb: Some(1024), cpus: Some(1), ..Default::default() }))
+            .block_on(client.post(
+                "/vms/create",
+                &CreateRequest {
+                    ram_mb: Some(1024),
+                    cpus: Some(1),
+                    ..Default::default()
+                },
+            ))
             .unwrap();
         create_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         boot_wall.push(info.vm.as_ref().unwrap().boot_wall_ms as f64);
         env.ok(&["delete", &info.id]);
     }
     let info: SessionInfo = rt
-        .block_on(client.post("/vms/create", &CreateRequest { ram_mb: Some(4096), cpus: Some(2), ..Default::default() }))
+        .block_on(client.post(
+            "/vms/create",
+            &CreateRequest {
+                ram_mb: Some(4096),
+                cpus: Some(2),
+                ..Default::default()
+            },
+        ))
         .unwrap();
     let vm = info.vm.clone().unwrap();
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -89,7 +119,10 @@ fn main() {
 
     let n = 200;
     let exec_path = format!("/vms/{}/exec", info.id);
-    let req = ExecRequest { command: "true".into(), ..Default::default() };
+    let req = ExecRequest {
+        command: "true".into(),
+        ..Default::default()
+    };
     let mut exec_ms = Vec::new();
     let mut spawn_ms = Vec::new();
     rt.block_on(async {
@@ -104,31 +137,61 @@ fn main() {
         }
     });
     let echo: EchoBenchResponse = rt
-        .block_on(client.post(&format!("/vms/{}/bench/echo", info.id), &EchoBenchRequest { count: n as u32 + 20, size: 0 }))
+        .block_on(client.post(
+            &format!("/vms/{}/bench/echo", info.id),
+            &EchoBenchRequest {
+                count: n as u32 + 20,
+                size: 0,
+            },
+        ))
         .unwrap();
-    let mut echo_ms: Vec<f64> = echo.samples_us[20..].iter().map(|u| *u as f64 / 1000.0).collect();
+    let mut echo_ms: Vec<f64> = echo.samples_us[20..]
+        .iter()
+        .map(|u| *u as f64 / 1000.0)
+        .collect();
     env.ok(&["delete", &info.id]);
 
     let exec_p50 = median(&mut exec_ms);
     let exec_p99 = pct(&mut exec_ms, 0.99);
     let echo_p50 = median(&mut echo_ms);
     let spawn_p50 = median(&mut spawn_ms);
-    println!("machine: {} cores, accel {accel}, runs {runs}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "machine: {} cores, accel {accel}, runs {runs}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
     println!("P1 raw QEMU boot to /init + poweroff   p50 {raw_p50:8.1} ms");
     println!("P1 capsem run true                     p50 {ours_p50:8.1} ms");
-    println!("P1 ratio                                   {:8.3}  (target <= 1.15)", ours_p50 / raw_p50);
+    println!(
+        "P1 ratio                                   {:8.3}  (target <= 1.15)",
+        ours_p50 / raw_p50
+    );
     println!("create (API) boot -> exec-ready        p50 {:8.1} ms (QEMU launch -> guest ready p50 {:.1} ms)", median(&mut create_ms), median(&mut boot_wall));
     println!("P2 exec `true` round trip (API)        p50 {exec_p50:8.3} ms  p99 {exec_p99:.3} ms  (n={n})");
     println!("P2 channel echo (in capsem-process)    p50 {echo_p50:8.3} ms");
     println!("P2 guest spawn+wait of `true`          p50 {spawn_p50:8.3} ms");
-    println!("P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms)", exec_p50 - echo_p50 - spawn_p50);
-    println!("RSS idle --ram 4 session: qemu {} MiB + capsem-process {} MiB = {} MiB", rss_qemu / 1024, rss_proc / 1024, (rss_qemu + rss_proc) / 1024);
+    println!(
+        "P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms)",
+        exec_p50 - echo_p50 - spawn_p50
+    );
+    println!(
+        "RSS idle --ram 4 session: qemu {} MiB + capsem-process {} MiB = {} MiB",
+        rss_qemu / 1024,
+        rss_proc / 1024,
+        (rss_qemu + rss_proc) / 1024
+    );
     let _ = PathBuf::new();
 }
 
 /// Raw QEMU boot of the same kernel + initrd to `/init`, which prints the probe line and powers
 /// off; wall time to QEMU's exit, in ms.
-fn raw_boot(qemu_bin: &std::path::Path, kernel: &std::path::Path, initrd: &std::path::Path, accel: &str) -> f64 {
+fn raw_boot(
+    qemu_bin: &std::path::Path,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    accel: &str,
+) -> f64 {
     let mut append = "console=ttyS0 quiet panic=-1 capsem.probe=1".to_string();
     if accel == "tcg" {
         if let Some(khz) = qemu::host_tsc_khz() {
@@ -137,13 +200,35 @@ fn raw_boot(qemu_bin: &std::path::Path, kernel: &std::path::Path, initrd: &std::
     }
     let t = Instant::now();
     let out = Command::new(qemu_bin)
-        .args(["-M", &format!("microvm,accel={accel},x-option-roms=off"), "-m", "4096M", "-smp", "4"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
-        .arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).arg("-append").arg(&append)
+        .args([
+            "-M",
+            &format!("microvm,accel={accel},x-option-roms=off"),
+            "-m",
+            "4096M",
+            "-smp",
+            "4",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(&append)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let ms = t.elapsed().as_secs_f64() * 1000.0;
-    assert!(String::from_utf8_lossy(&out.stdout).contains(qemu::PROBE_MARKER), "raw boot did not reach /init");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(qemu::PROBE_MARKER),
+        "raw boot did not reach /init"
+    );
     ms
 }

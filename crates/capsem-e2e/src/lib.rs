@@ -30,7 +30,9 @@ fn e2e_home() -> PathBuf {
 }
 
 fn required() -> bool {
-    std::env::var("CAPSEM_E2E").map(|v| v == "1").unwrap_or(false)
+    std::env::var("CAPSEM_E2E")
+        .map(|v| v == "1")
+        .unwrap_or(false)
 }
 
 impl Env {
@@ -40,15 +42,25 @@ impl Env {
         let assets = e2e_home().join("assets");
         let bin = bin_dir();
         let mut missing = Vec::new();
-        if !assets.join(format!("v{}", env!("CARGO_PKG_VERSION"))).join("manifest.json").is_file() {
-            missing.push(format!("guest image in {} (run scripts/test.sh)", assets.display()));
+        if !assets
+            .join(format!("v{}", env!("CARGO_PKG_VERSION")))
+            .join("manifest.json")
+            .is_file()
+        {
+            missing.push(format!(
+                "guest image in {} (run scripts/test.sh)",
+                assets.display()
+            ));
         }
         if which("qemu-system-x86_64").is_none() {
             missing.push("qemu-system-x86_64".to_string());
         }
         for b in ["capsem", "capsem-service", "capsem-process"] {
             if !bin.join(b).is_file() {
-                missing.push(format!("{} (cargo build --workspace)", bin.join(b).display()));
+                missing.push(format!(
+                    "{} (cargo build --workspace)",
+                    bin.join(b).display()
+                ));
             }
         }
         if !missing.is_empty() {
@@ -75,7 +87,10 @@ impl Env {
             .prefix("capsem-e2e-")
             .tempdir_in("/tmp")
             .expect("temp home");
-        Env { home, bin: bin_dir() }
+        Env {
+            home,
+            bin: bin_dir(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -111,7 +126,10 @@ impl Env {
 
     /// Ids of the sessions the service lists.
     pub fn ids(&self) -> Vec<String> {
-        self.ok(&["list", "-q"]).lines().map(str::to_string).collect()
+        self.ok(&["list", "-q"])
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// PIDs of processes whose command line mentions this home (QEMU, capsem-process, service).
@@ -134,7 +152,11 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let _ = self.cmd(&["stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self
+            .cmd(&["stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         // Anything still alive is a leak: kill it so other tests are not disturbed.
         for pid in processes_matching(&[self.home.path().to_str().unwrap()]) {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -146,9 +168,13 @@ impl Drop for Env {
 /// `needles` (the service and capsem-process carry the home in `CAPSEM_HOME`, QEMU in its paths).
 pub fn processes_matching(needles: &[&str]) -> Vec<u32> {
     let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }
@@ -164,7 +190,9 @@ pub fn processes_matching(needles: &[&str]) -> Vec<u32> {
 
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {

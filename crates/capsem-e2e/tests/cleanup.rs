@@ -15,9 +15,14 @@ fn kill_mid_run(signal: i32) {
         .unwrap();
     // Wait until the job is really running in the guest.
     assert!(
-        env.wait_until(Duration::from_secs(60), || !env.processes("qemu-system").is_empty()
+        env.wait_until(Duration::from_secs(60), || !env
+            .processes("qemu-system")
+            .is_empty()
             && env.ids().len() == 1
-            && env.capsem(&["exec", &env.ids()[0], "pgrep -x sleep"]).status.success()),
+            && env
+                .capsem(&["exec", &env.ids()[0], "pgrep -x sleep"])
+                .status
+                .success()),
         "the run never started"
     );
     let id = env.ids()[0].clone();
@@ -28,11 +33,16 @@ fn kill_mid_run(signal: i32) {
         "session still listed after the CLI died"
     );
     assert!(
-        env.wait_until(Duration::from_secs(10), || env.processes("qemu-system").is_empty()
+        env.wait_until(Duration::from_secs(10), || env
+            .processes("qemu-system")
+            .is_empty()
             && env.processes("capsem-process").is_empty()),
         "QEMU or capsem-process left running"
     );
-    assert!(!env.path().join("sessions").join(id).exists(), "session directory left");
+    assert!(
+        !env.path().join("sessions").join(id).exists(),
+        "session directory left"
+    );
 }
 
 #[test]
@@ -48,12 +58,17 @@ fn sigkill_mid_run_leaves_nothing() {
 #[test]
 fn killed_process_takes_its_qemu_along() {
     let Some(env) = Env::new() else { return };
-    let id = env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string();
+    let id = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
     let procs = env.processes("capsem-process");
     assert_eq!(procs.len(), 1);
     unsafe { libc::kill(procs[0] as i32, libc::SIGKILL) };
     assert!(
-        env.wait_until(Duration::from_secs(5), || env.processes("qemu-system").is_empty()),
+        env.wait_until(Duration::from_secs(5), || env
+            .processes("qemu-system")
+            .is_empty()),
         "QEMU outlived its capsem-process"
     );
     // An ephemeral session whose VM died is removed.

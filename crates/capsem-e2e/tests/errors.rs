@@ -16,14 +16,26 @@ fn bad_input_is_one_clear_line() {
     one_clear_line(&env.capsem(&["exec", "nosuch", "true"]), "no session named");
     one_clear_line(&env.capsem(&["info", "nosuch"]), "no session named");
     one_clear_line(&env.capsem(&["delete", "nosuch"]), "no session named");
-    one_clear_line(&env.capsem(&["create", "bad name!"]), "invalid session name");
+    one_clear_line(
+        &env.capsem(&["create", "bad name!"]),
+        "invalid session name",
+    );
     one_clear_line(&env.capsem(&["create", "--ram", "0"]), "invalid --ram 0");
     one_clear_line(&env.capsem(&["create", "--cpu", "0"]), "invalid --cpu 0");
-    one_clear_line(&env.capsem(&["run", "-e", "NOEQUALS", "true"]), "invalid environment variable");
-    one_clear_line(&env.capsem(&["run", "-e", "1X=y", "true"]), "invalid environment variable");
+    one_clear_line(
+        &env.capsem(&["run", "-e", "NOEQUALS", "true"]),
+        "invalid environment variable",
+    );
+    one_clear_line(
+        &env.capsem(&["run", "-e", "1X=y", "true"]),
+        "invalid environment variable",
+    );
 
     env.ok(&["create", "taken", "--ram", "1", "--cpu", "1"]);
-    one_clear_line(&env.capsem(&["create", "taken", "--ram", "1", "--cpu", "1"]), "already exists");
+    one_clear_line(
+        &env.capsem(&["create", "taken", "--ram", "1", "--cpu", "1"]),
+        "already exists",
+    );
     env.ok(&["delete", "taken"]);
 }
 
@@ -34,7 +46,14 @@ fn conflict_is_http_409_and_assets_missing_is_503() {
     let sock = env.path().join("run/service.sock");
     let body = r#"{"name":"dup","ram_mb":1024,"cpus":1}"#;
     let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
         .arg(&sock)
         .args(["-X", "POST", "-d", body, "http://capsem/vms/create"])
         .output();

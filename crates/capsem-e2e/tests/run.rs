@@ -12,12 +12,16 @@ fn assert_nothing_left(env: &Env) {
         env.ids()
     );
     assert!(
-        env.wait_until(Duration::from_secs(5), || env.processes("qemu-system").is_empty()
+        env.wait_until(Duration::from_secs(5), || env
+            .processes("qemu-system")
+            .is_empty()
             && env.processes("capsem-process").is_empty()),
         "processes left"
     );
     let sessions = env.path().join("sessions");
-    let left: Vec<_> = std::fs::read_dir(&sessions).map(|d| d.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&sessions)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "session directories left: {left:?}");
 }
 
@@ -33,7 +37,14 @@ fn exit_code_streams_and_env() {
     assert!(stderr(&out).contains("to-err\n"), "{}", stderr(&out));
     assert!(!stdout(&out).contains("to-err"));
 
-    let out = env.capsem(&["run", "-e", "GREETING=hello world", "-e", "N=42", "echo \"$GREETING:$N\""]);
+    let out = env.capsem(&[
+        "run",
+        "-e",
+        "GREETING=hello world",
+        "-e",
+        "N=42",
+        "echo \"$GREETING:$N\"",
+    ]);
     assert_eq!(stdout(&out), "hello world:42\n", "{}", stderr(&out));
 
     let out = env.capsem(&["run", "python3 -c 'print(1+1)'"]);
@@ -51,7 +62,11 @@ fn five_mib_binary_stream_is_byte_identical() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout.len(), 5 * 1024 * 1024);
-    let guest_sum = stderr(&out).split_whitespace().next().unwrap_or("").to_string();
+    let guest_sum = stderr(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
     assert_eq!(sha256_hex(&out.stdout), guest_sum);
     assert_nothing_left(&env);
 }

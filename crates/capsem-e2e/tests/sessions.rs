@@ -8,7 +8,19 @@ use capsem_e2e::{stderr, stdout, Env};
 #[test]
 fn create_list_exec_info_logs_delete() {
     let Some(env) = Env::new() else { return };
-    let id = env.ok(&["create", "box1", "--ram", "1", "--cpu", "1", "-e", "COLOR=blue"]).trim().to_string();
+    let id = env
+        .ok(&[
+            "create",
+            "box1",
+            "--ram",
+            "1",
+            "--cpu",
+            "1",
+            "-e",
+            "COLOR=blue",
+        ])
+        .trim()
+        .to_string();
     assert_eq!(id.len(), 12, "create prints the id: {id:?}");
 
     let list = env.ok(&["list"]);
@@ -16,7 +28,10 @@ fn create_list_exec_info_logs_delete() {
     for col in ["NAME", "STATUS", "RAM", "CPUS", "UPTIME"] {
         assert!(header.contains(col), "{header}");
     }
-    let row = list.lines().find(|l| l.contains("box1")).expect("box1 listed");
+    let row = list
+        .lines()
+        .find(|l| l.contains("box1"))
+        .expect("box1 listed");
     assert!(row.contains("running") && row.contains("1G"), "{row}");
     assert_eq!(env.ids(), vec![id.clone()]);
 
@@ -30,8 +45,12 @@ fn create_list_exec_info_logs_delete() {
     assert_eq!(env.ok(&["exec", "box1", "cat /root/note"]), "kept\n");
 
     let info = env.ok(&["info", "box1"]);
-    assert!(info.contains(&id) && info.contains("running") && info.contains("persistent"), "{info}");
-    let json: serde_json::Value = serde_json::from_str(&env.ok(&["info", "box1", "--json"])).unwrap();
+    assert!(
+        info.contains(&id) && info.contains("running") && info.contains("persistent"),
+        "{info}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["info", "box1", "--json"])).unwrap();
     assert_eq!(json["id"], id.as_str());
     assert_eq!(json["name"], "box1");
     assert_eq!(json["ram_mb"], 1024);
@@ -41,7 +60,10 @@ fn create_list_exec_info_logs_delete() {
     assert!(["kvm", "tcg"].contains(&json["vm"]["accel"].as_str().unwrap()));
 
     let logs = env.ok(&["logs", "box1"]);
-    assert!(logs.contains("serial console") && logs.contains("guest ready"), "{logs}");
+    assert!(
+        logs.contains("serial console") && logs.contains("guest ready"),
+        "{logs}"
+    );
     let tail = env.ok(&["logs", "box1", "--tail", "1"]);
     assert!(tail.lines().count() <= 4, "{tail}");
 
@@ -53,8 +75,14 @@ fn create_list_exec_info_logs_delete() {
 #[test]
 fn purge_and_purge_all() {
     let Some(env) = Env::new() else { return };
-    let temp = env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string();
-    let kept = env.ok(&["create", "keeper", "--ram", "1", "--cpu", "1"]).trim().to_string();
+    let temp = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
+    let kept = env
+        .ok(&["create", "keeper", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
     let out = env.ok(&["purge"]);
     assert!(out.contains(&temp) && !out.contains(&kept), "{out}");
     assert_eq!(env.ids(), vec![kept.clone()]);
@@ -68,18 +96,26 @@ fn purge_and_purge_all() {
     let out = env.ok(&["purge", "--all", "-y"]);
     assert!(out.contains(&kept));
     assert!(env.ids().is_empty());
-    assert!(env.wait_until(Duration::from_secs(5), || env.processes("qemu-system").is_empty()));
+    assert!(env.wait_until(Duration::from_secs(5), || env
+        .processes("qemu-system")
+        .is_empty()));
 }
 
 #[test]
 fn private_files_and_socket() {
     use std::os::unix::fs::PermissionsExt;
     let Some(env) = Env::new() else { return };
-    let id = env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string();
+    let id = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(env.path()), 0o700);
     assert_eq!(mode(&env.path().join("run/service.sock")), 0o600);
-    assert_eq!(mode(&env.path().join(format!("run/instances/{id}.sock"))), 0o600);
+    assert_eq!(
+        mode(&env.path().join(format!("run/instances/{id}.sock"))),
+        0o600
+    );
     let dir = env.path().join("sessions").join(&id);
     assert_eq!(mode(&dir), 0o700);
     for f in ["session.json", "process.log", "disk.qcow2", "serial.log"] {

@@ -59,7 +59,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let listener = uds_http::bind_private(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
-    paths::write_private(&home.service_pid(), std::process::id().to_string().as_bytes())?;
+    paths::write_private(
+        &home.service_pid(),
+        std::process::id().to_string().as_bytes(),
+    )?;
 
     let svc = Service::new(home.clone());
     svc.adopt().await;

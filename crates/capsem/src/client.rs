@@ -27,7 +27,10 @@ impl Target {
     }
 
     pub async fn is_running(&self) -> bool {
-        self.client().get::<VersionResponse>("/version").await.is_ok()
+        self.client()
+            .get::<VersionResponse>("/version")
+            .await
+            .is_ok()
     }
 
     /// A client for a running service, starting the service first if needed.

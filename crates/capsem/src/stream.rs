@@ -66,7 +66,9 @@ pub async fn exec(
     match tokio::time::timeout(backstop, pump).await {
         Ok(r) => r,
         Err(_) => {
-            eprintln!("capsem: command timed out after {timeout_secs}s (the guest stopped answering)");
+            eprintln!(
+                "capsem: command timed out after {timeout_secs}s (the guest stopped answering)"
+            );
             Ok(TIMEOUT_EXIT)
         }
     }
@@ -99,7 +101,11 @@ pub async fn terminal(io: Upgraded, env: Vec<(String, String)>) -> anyhow::Resul
             match stdin.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if keys.send(TerminalInput::Data(ByteBuf::from(buf[..n].to_vec()))).await.is_err() {
+                    if keys
+                        .send(TerminalInput::Data(ByteBuf::from(buf[..n].to_vec())))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -109,7 +115,9 @@ pub async fn terminal(io: Upgraded, env: Vec<(String, String)>) -> anyhow::Resul
     // Window resizes.
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+        let Ok(mut winch) = signal(SignalKind::window_change()) else {
+            return;
+        };
         while winch.recv().await.is_some() {
             let (cols, rows) = term::size();
             if tx.send(TerminalInput::Resize { cols, rows }).await.is_err() {
@@ -133,7 +141,9 @@ pub async fn terminal(io: Upgraded, env: Vec<(String, String)>) -> anyhow::Resul
                 out.flush()?;
             }
             Some(TerminalEvent::Exit(status)) => return Ok(status.shell_code()),
-            Some(TerminalEvent::Failed { message }) => anyhow::bail!("the shell could not start: {message}"),
+            Some(TerminalEvent::Failed { message }) => {
+                anyhow::bail!("the shell could not start: {message}")
+            }
         }
     }
 }

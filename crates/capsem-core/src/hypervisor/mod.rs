@@ -79,8 +79,11 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
     fn accel(&self) -> Accel;
     /// Create the session's writable disk as a copy-on-write layer over `base` (O(1)).
-    fn create_disk(&self, base: &std::path::Path, disk: &std::path::Path)
-        -> Result<(), HypervisorError>;
+    fn create_disk(
+        &self,
+        base: &std::path::Path,
+        disk: &std::path::Path,
+    ) -> Result<(), HypervisorError>;
     /// Start the VM. The returned child is killed if the calling process dies.
     fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
 }

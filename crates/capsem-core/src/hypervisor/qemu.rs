@@ -228,21 +228,32 @@ pub async fn probe(
         }
     }
     let mut cmd = tokio::process::Command::new(qemu);
-    cmd.args(["-M", &format!("microvm,accel={},x-option-roms=off", accel.as_str())]);
+    cmd.args([
+        "-M",
+        &format!("microvm,accel={},x-option-roms=off", accel.as_str()),
+    ]);
     if accel == Accel::Kvm {
         cmd.args(["-cpu", "host"]);
     }
-    cmd.args(["-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic"])
-        .args(["-no-reboot", "-serial", "stdio", "-kernel"])
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(cmdline.join(" "))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "-m",
+        "256M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+    ])
+    .args(["-no-reboot", "-serial", "stdio", "-kernel"])
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg(cmdline.join(" "))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let mut out = child.stdout.take().expect("piped");
     let found = tokio::time::timeout(limit, async {

@@ -97,12 +97,11 @@ where
         hv.create_disk(&assets.base_disk, &disk)?;
     }
     let channel_path = dir.join("channel.sock");
-    let listener = crate::uds_http::bind_private(&channel_path).map_err(|source| {
-        InstanceError::Bind {
+    let listener =
+        crate::uds_http::bind_private(&channel_path).map_err(|source| InstanceError::Bind {
             path: channel_path.clone(),
             source,
-        }
-    })?;
+        })?;
     let spec = VmSpec {
         kernel: assets.vmlinuz.clone(),
         initrd: assets.initrd.clone(),

@@ -66,7 +66,10 @@ async fn info(State(inst): State<Arc<Instance>>) -> Json<crate::api::VmInfo> {
     Json(inst.info.clone())
 }
 
-fn merged_env(inst: &Instance, extra: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+fn merged_env(
+    inst: &Instance,
+    extra: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
     let mut env = inst.env.clone();
     env.extend(extra);
     env
@@ -90,8 +93,17 @@ async fn exec(
         inst.guest.exec(&job),
     )
     .await
-    .map_err(|_| ApiError(StatusCode::GATEWAY_TIMEOUT, "the guest stopped answering".into()))??;
-    let exit_code = if out.exit.timed_out { 124 } else { out.exit.status.shell_code() };
+    .map_err(|_| {
+        ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the guest stopped answering".into(),
+        )
+    })??;
+    let exit_code = if out.exit.timed_out {
+        124
+    } else {
+        out.exit.status.shell_code()
+    };
     Ok(Json(ExecResponse {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -109,7 +121,11 @@ where
     F: FnOnce(&Instance, T) -> T + Send + 'static,
 {
     let Some(on_upgrade) = take_upgrade(&mut req) else {
-        return ApiError(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade".into()).into_response();
+        return ApiError(
+            StatusCode::BAD_REQUEST,
+            "this endpoint needs an upgrade".into(),
+        )
+        .into_response();
     };
     tokio::spawn(async move {
         let mut client = match on_upgrade.await {
@@ -164,7 +180,10 @@ async fn read_file(
     let content = String::from_utf8(data).map_err(|_| {
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{} is not UTF-8 text; read it with exec (base64) instead", req.path),
+            format!(
+                "{} is not UTF-8 text; read it with exec (base64) instead",
+                req.path
+            ),
         )
     })?;
     Ok(Json(FileReadResponse { content }))
@@ -199,7 +218,10 @@ async fn kill(State(inst): State<Arc<Instance>>) -> Json<serde_json::Value> {
 
 async fn shutdown(State(inst): State<Arc<Instance>>) -> Json<serde_json::Value> {
     inst.graceful.store(true, Ordering::SeqCst);
-    let _ = inst.guest.control(&ControlRequest::Shutdown { reboot: false }).await;
+    let _ = inst
+        .guest
+        .control(&ControlRequest::Shutdown { reboot: false })
+        .await;
     inst.stop.notify_one();
     Json(serde_json::json!({ "ok": true }))
 }

@@ -9,7 +9,10 @@ pub async fn run(target: &Target, a: ExecArgs) -> anyhow::Result<i32> {
     let env = super::env_map(&a.env)?.into_iter().collect();
     let client = target.connect().await?;
     let io = client
-        .upgrade(&format!("/vms/{}/exec/stream", super::seg(&a.session)), &StreamRequest {})
+        .upgrade(
+            &format!("/vms/{}/exec/stream", super::seg(&a.session)),
+            &StreamRequest {},
+        )
         .await?;
     crate::stream::exec(io, a.command, env, a.timeout).await
 }

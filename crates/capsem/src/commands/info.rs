@@ -15,7 +15,11 @@ pub async fn run(target: &Target, a: InfoArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(0);
     }
-    let kind = if info.persistent { "persistent" } else { "ephemeral" };
+    let kind = if info.persistent {
+        "persistent"
+    } else {
+        "ephemeral"
+    };
     println!("Session     {}", info.name.as_deref().unwrap_or(&info.id));
     println!("  id        {}", info.id);
     println!("  status    {} ({kind})", info.status.as_str());
@@ -28,8 +32,14 @@ pub async fn run(target: &Target, a: InfoArgs) -> anyhow::Result<i32> {
     if let Some(vm) = &info.vm {
         println!("VM");
         println!("  backend   {} ({})", vm.hypervisor, vm.accel);
-        println!("  pids      process {}, qemu {}", vm.process_pid, vm.qemu_pid);
-        println!("  guest     agent {} on Linux {}", vm.agent_version, vm.kernel_release);
+        println!(
+            "  pids      process {}, qemu {}",
+            vm.process_pid, vm.qemu_pid
+        );
+        println!(
+            "  guest     agent {} on Linux {}",
+            vm.agent_version, vm.kernel_release
+        );
         println!(
             "  boot      {} ms to ready (guest: init {} ms, modules {} ms, rootfs {} ms, ready {} ms)",
             vm.boot_wall_ms, vm.boot.init_ms, vm.boot.modules_ms, vm.boot.rootfs_ms, vm.boot.ready_ms

@@ -25,7 +25,10 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<i32> {
     println!("  home      {}", s.home);
     println!("  socket    {}", target.socket.display());
     println!("  sessions  {}", s.sessions);
-    println!("  accel     {}", s.accel.as_deref().unwrap_or("not probed yet"));
+    println!(
+        "  accel     {}",
+        s.accel.as_deref().unwrap_or("not probed yet")
+    );
     match s.assets {
         Some(a) => println!("  assets    {a}"),
         None => println!("  assets    missing: run `capsem setup`"),

@@ -12,7 +12,10 @@ pub async fn run(target: &Target, a: ShellArgs) -> anyhow::Result<i32> {
     let io = match &a.session {
         Some(s) => {
             client
-                .upgrade(&format!("/vms/{}/terminal", super::seg(s)), &StreamRequest {})
+                .upgrade(
+                    &format!("/vms/{}/terminal", super::seg(s)),
+                    &StreamRequest {},
+                )
                 .await?
         }
         None => {
@@ -27,6 +30,10 @@ pub async fn run(target: &Target, a: ShellArgs) -> anyhow::Result<i32> {
             io?
         }
     };
-    let env = if a.session.is_some() { env.into_iter().collect() } else { vec![] };
+    let env = if a.session.is_some() {
+        env.into_iter().collect()
+    } else {
+        vec![]
+    };
     crate::stream::terminal(io, env).await
 }

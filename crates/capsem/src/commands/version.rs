@@ -6,7 +6,11 @@ use crate::client::Target;
 
 pub async fn run(target: &Target, json: bool) -> anyhow::Result<i32> {
     let service = if target.is_running().await {
-        target.client().get::<VersionResponse>("/version").await.ok()
+        target
+            .client()
+            .get::<VersionResponse>("/version")
+            .await
+            .ok()
     } else {
         None
     };
@@ -21,7 +25,10 @@ pub async fn run(target: &Target, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!("capsem {}", env!("CARGO_PKG_VERSION"));
-    println!("  api {API_VERSION}, guest protocol {}", capsem_proto::PROTOCOL_VERSION);
+    println!(
+        "  api {API_VERSION}, guest protocol {}",
+        capsem_proto::PROTOCOL_VERSION
+    );
     match service {
         Some(s) => println!("  service {} (running)", s.version),
         None => println!("  service not running"),
