@@ -10,7 +10,11 @@ pub enum ControlRequest {
     /// Read a whole file.
     ReadFile { path: String },
     /// Create or replace a file (parents created), with an optional mode.
-    WriteFile { path: String, data: ByteBuf, mode: Option<u32> },
+    WriteFile {
+        path: String,
+        data: ByteBuf,
+        mode: Option<u32>,
+    },
     /// Sync filesystems and power off (or reboot).
     Shutdown { reboot: bool },
 }

@@ -38,12 +38,16 @@ pub enum ExecInput {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ExecEvent {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(ByteBuf),
     Stderr(ByteBuf),
     Exit(ExecExit),
     /// The job could not start (no such program, bad cwd, …).
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

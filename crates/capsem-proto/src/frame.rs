@@ -74,12 +74,10 @@ where
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FrameError::UnexpectedEof("the end of a frame"),
-            _ => FrameError::Io(e),
-        })?;
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::UnexpectedEof("the end of a frame"),
+        _ => FrameError::Io(e),
+    })?;
     decode(&body).map(Some)
 }
 

@@ -59,7 +59,11 @@ impl Mux {
     pub fn start<T>(
         io: T,
         side: Side,
-    ) -> (MuxHandle, mpsc::Receiver<yamux::Stream>, oneshot::Receiver<()>)
+    ) -> (
+        MuxHandle,
+        mpsc::Receiver<yamux::Stream>,
+        oneshot::Receiver<()>,
+    )
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {

@@ -31,13 +31,25 @@ fn encodings_are_stable() {
                 protocol_version: 1,
                 agent_version: "0.1.0".into(),
                 kernel_release: "6.1".into(),
-                boot: BootTiming { init_ms: 1, modules_ms: 2, rootfs_ms: 3, ready_ms: 4 },
+                boot: BootTiming {
+                    init_ms: 1,
+                    modules_ms: 2,
+                    rootfs_ms: 3,
+                    ready_ms: 4,
+                },
             }),
             "0f000000 01 05302e312e30 03362e31 01020304",
         ),
-        (hex(&HostHello::Accepted { protocol_version: 1 }), "02000000 0001"),
         (
-            hex(&ControlRequest::Echo { payload: ByteBuf::from(vec![7u8]) }),
+            hex(&HostHello::Accepted {
+                protocol_version: 1,
+            }),
+            "02000000 0001",
+        ),
+        (
+            hex(&ControlRequest::Echo {
+                payload: ByteBuf::from(vec![7u8]),
+            }),
             "03000000 000107",
         ),
         (hex(&ControlResponse::Done), "01000000 02"),
@@ -52,7 +64,10 @@ fn encodings_are_stable() {
             "10000000 0004747275 6501014b0156 00 00 01e807",
         ),
         (hex(&ExecInput::CloseStdin), "01000000 01"),
-        (hex(&ExecEvent::Stdout(ByteBuf::from(b"hi".to_vec()))), "04000000 01026869"),
+        (
+            hex(&ExecEvent::Stdout(ByteBuf::from(b"hi".to_vec()))),
+            "04000000 01026869",
+        ),
         (
             hex(&ExecEvent::Exit(ExecExit {
                 status: ExitStatus::Signal(9),
@@ -71,8 +86,17 @@ fn encodings_are_stable() {
             }),
             "0a000000 0000 057874657 26d 50 18",
         ),
-        (hex(&TerminalInput::Resize { cols: 100, rows: 30 }), "03000000 01 64 1e"),
-        (hex(&TerminalEvent::Exit(ExitStatus::Code(3))), "03000000 01 0006"),
+        (
+            hex(&TerminalInput::Resize {
+                cols: 100,
+                rows: 30,
+            }),
+            "03000000 01 64 1e",
+        ),
+        (
+            hex(&TerminalEvent::Exit(ExitStatus::Code(3))),
+            "03000000 01 0006",
+        ),
     ];
     for (got, want) in cases {
         assert_eq!(got, want.replace(' ', ""), "encoding drifted");
@@ -84,7 +108,9 @@ async fn frames_round_trip_and_limits_hold() {
     let (mut a, mut b) = tokio::io::duplex(1 << 20);
     let big = ByteBuf::from(vec![0xAB; 5 << 20]);
     let w = tokio::spawn(async move {
-        frame::write_frame(&mut a, &ExecEvent::Stdout(big)).await.unwrap();
+        frame::write_frame(&mut a, &ExecEvent::Stdout(big))
+            .await
+            .unwrap();
         // A header announcing more than MAX_FRAME must be refused by the reader.
         use tokio::io::AsyncWriteExt;
         a.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
@@ -100,7 +126,10 @@ async fn frames_round_trip_and_limits_hold() {
 async fn clean_eof_is_none_and_torn_frame_is_error() {
     let (a, mut b) = tokio::io::duplex(64);
     drop(a);
-    assert!(frame::read_frame::<_, ExecInput>(&mut b).await.unwrap().is_none());
+    assert!(frame::read_frame::<_, ExecInput>(&mut b)
+        .await
+        .unwrap()
+        .is_none());
 
     let (mut a, mut b) = tokio::io::duplex(64);
     use tokio::io::AsyncWriteExt;
