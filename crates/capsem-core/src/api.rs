@@ -12,6 +12,15 @@ pub const API_VERSION: u32 = 1;
 
 pub const DEFAULT_RAM_MB: u32 = 4096;
 pub const DEFAULT_CPUS: u32 = 4;
+
+/// [`DEFAULT_CPUS`], but no more than the host has: extra vCPUs only slow a VM down (under TCG
+/// each one is a host thread, and booting them is serial).
+pub fn default_cpus() -> u32 {
+    let host = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    DEFAULT_CPUS.min(host).max(1)
+}
 /// Upper bounds accepted at create (a VM bigger than the host makes no sense).
 pub const MAX_RAM_MB: u32 = 1024 * 1024;
 pub const MAX_CPUS: u32 = 256;

@@ -204,9 +204,9 @@ fn raw_boot(
             "-M",
             &format!("microvm,accel={accel},x-option-roms=off"),
             "-m",
-            "4096M",
+            &format!("{}M", capsem_core::api::DEFAULT_RAM_MB),
             "-smp",
-            "4",
+            &capsem_core::api::default_cpus().to_string(),
         ])
         .args([
             "-nodefaults",

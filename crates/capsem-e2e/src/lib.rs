@@ -195,6 +195,27 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// No session, VM process or session directory of `env` remains.
+pub fn assert_nothing_left(env: &Env) {
+    assert!(
+        env.wait_until(Duration::from_secs(5), || env.ids().is_empty()),
+        "sessions left: {:?}",
+        env.ids()
+    );
+    assert!(
+        env.wait_until(Duration::from_secs(5), || env
+            .processes("qemu-system")
+            .is_empty()
+            && env.processes("capsem-process").is_empty()),
+        "processes left"
+    );
+    let sessions = env.path().join("sessions");
+    let left: Vec<_> = std::fs::read_dir(&sessions)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "session directories left: {left:?}");
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))

@@ -70,9 +70,9 @@ pub struct CreateArgs {
     /// RAM in GB.
     #[arg(long, default_value_t = 4)]
     pub ram: u32,
-    /// CPU cores.
-    #[arg(long, default_value_t = 4)]
-    pub cpu: u32,
+    /// CPU cores [default: 4, at most the host's core count].
+    #[arg(long)]
+    pub cpu: Option<u32>,
     #[command(flatten)]
     pub env: EnvArgs,
     /// Print the new session as JSON.
@@ -113,9 +113,9 @@ pub struct RunArgs {
     /// RAM in GB.
     #[arg(long, default_value_t = 4)]
     pub ram: u32,
-    /// CPU cores.
-    #[arg(long, default_value_t = 4)]
-    pub cpu: u32,
+    /// CPU cores [default: 4, at most the host's core count].
+    #[arg(long)]
+    pub cpu: Option<u32>,
 }
 
 #[derive(Args)]

@@ -212,7 +212,7 @@ impl Service {
             names::validate_name(name).map_err(|e| ServiceError::bad(e.to_string()))?;
         }
         let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
-        let cpus = req.cpus.unwrap_or(api::DEFAULT_CPUS);
+        let cpus = req.cpus.unwrap_or_else(api::default_cpus);
         if !(128..=api::MAX_RAM_MB).contains(&ram_mb) {
             return Err(ServiceError::bad(format!(
                 "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"

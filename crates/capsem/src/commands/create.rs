@@ -10,7 +10,7 @@ pub async fn run(target: &Target, a: CreateArgs) -> anyhow::Result<i32> {
         persistent: Some(a.name.is_some()),
         name: a.name,
         ram_mb: Some(super::ram_mb(a.ram)?),
-        cpus: Some(super::cpus(a.cpu)?),
+        cpus: super::cpus(a.cpu)?,
         env: super::env_map(&a.env)?,
         from: None,
     };

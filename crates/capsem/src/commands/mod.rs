@@ -67,8 +67,9 @@ pub fn ram_mb(gb: u32) -> anyhow::Result<u32> {
         .ok_or_else(|| anyhow::anyhow!("invalid --ram {gb}: too large"))
 }
 
-pub fn cpus(n: u32) -> anyhow::Result<u32> {
-    if n == 0 {
+/// `--cpu`, refusing 0; `None` lets the service pick its default.
+pub fn cpus(n: Option<u32>) -> anyhow::Result<Option<u32>> {
+    if n == Some(0) {
         bail!("invalid --cpu 0: give at least 1 core");
     }
     Ok(n)

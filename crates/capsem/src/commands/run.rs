@@ -10,7 +10,7 @@ pub async fn run(target: &Target, a: RunArgs) -> anyhow::Result<i32> {
     let env: Vec<(String, String)> = super::env_map(&a.env)?.into_iter().collect();
     let req = RunRequest {
         ram_mb: Some(super::ram_mb(a.ram)?),
-        cpus: Some(super::cpus(a.cpu)?),
+        cpus: super::cpus(a.cpu)?,
         env: env.iter().cloned().collect(),
         stream: StreamKind::Exec,
     };
