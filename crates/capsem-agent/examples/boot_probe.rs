@@ -5,7 +5,9 @@
 //!
 //! Usage: `cargo run --example boot_probe -- [--probe] [DIR]` where DIR (default
 //! `/tmp/agent-test`) holds `initrd.img`, `rootfs.squashfs`, `disk.img`; `KERNEL` overrides
-//! the kernel path.
+//! the kernel path, `SMP`/`MEM` the vCPUs (1) and MiB (1024), `APPEND` adds kernel arguments
+//! `QEMU_EXTRA` QEMU arguments and `SERIAL_OPTS` options of the virtio-serial device (for
+//! example `,max_ports=2`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn qemu(dir: &Path, probe: bool, sock: &Path) -> tokio::process::Command {
+fn qemu(dir: &Path, probe: bool, sock: &Path, server: bool) -> tokio::process::Command {
     let kernel = std::env::var("KERNEL")
         .unwrap_or_else(|_| "/tmp/k/x/boot/vmlinuz-6.1.0-56-cloud-amd64".to_string());
     let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".to_string());
@@ -48,14 +50,16 @@ fn qemu(dir: &Path, probe: bool, sock: &Path) -> tokio::process::Command {
         append.push_str(&extra);
     }
     let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let smp = std::env::var("SMP").unwrap_or_else(|_| "1".to_string());
+    let mem = std::env::var("MEM").unwrap_or_else(|_| "1024".to_string());
     let mut c = tokio::process::Command::new("qemu-system-x86_64");
     c.args([
         "-M",
         &format!("microvm,accel={accel}"),
         "-m",
-        "1024",
+        &mem,
         "-smp",
-        "1",
+        &smp,
     ])
     .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
     .args(["-serial", &format!("file:{}", d("serial.log"))])
@@ -83,10 +87,20 @@ fn qemu(dir: &Path, probe: bool, sock: &Path) -> tokio::process::Command {
         &format!("id=disk,file={},format=raw,if=none", d("disk.img")),
     ])
     .args(["-device", "virtio-blk-device,drive=disk,serial=capsem-disk"])
-    .args(["-device", "virtio-serial-device"])
+    .args([
+        "-device",
+        &format!(
+            "virtio-serial-device{}",
+            std::env::var("SERIAL_OPTS").unwrap_or_default()
+        ),
+    ])
     .args([
         "-chardev",
-        &format!("socket,id=ch0,path={},server=off", sock.display()),
+        &format!(
+            "socket,id=ch0,path={},server={}",
+            sock.display(),
+            if server { "on,wait=off" } else { "off" }
+        ),
     ])
     .args(["-device", "virtserialport,chardev=ch0,name=capsem.0"])
     .stdin(Stdio::null())
@@ -191,6 +205,84 @@ async fn terminal(h: &MuxHandle) -> Res<String> {
     }
 }
 
+/// Connect to QEMU's chardev server and complete the handshake; returns the mux handle.
+async fn handshake(sock: &Path) -> Res<(MuxHandle, GuestReady, impl Drop)> {
+    let t = Instant::now();
+    let conn = loop {
+        match tokio::net::UnixStream::connect(sock).await {
+            Ok(c) => break c,
+            Err(_) if t.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // The mux driver never closes its socket by itself: keep a clone to shut it down with.
+    let std_conn = conn.into_std()?;
+    let killer = std_conn.try_clone()?;
+    let conn = tokio::net::UnixStream::from_std(std_conn)?;
+    let (h, mut inbound, _done) = Mux::start(conn, Side::Host);
+    let first = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
+        .await?
+        .ok_or("channel closed before the guest was ready")?;
+    let mut lc = accept(first).await?;
+    let ready: GuestReady = frame::expect_frame(&mut lc.stream, "GuestReady").await?;
+    frame::write_frame(
+        &mut lc.stream,
+        &HostHello::Accepted {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    Ok((h, ready, Hangup(killer, Some(Box::new((lc, inbound))))))
+}
+
+/// Closes the connection when dropped.
+struct Hangup(
+    std::os::unix::net::UnixStream,
+    Option<Box<dyn std::any::Any + Send>>,
+);
+impl Drop for Hangup {
+    fn drop(&mut self) {
+        self.1.take();
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Suspend/resume-style reconnects: QEMU serves the socket; the host connects, handshakes,
+/// goes away and comes back; the agent must greet every new connection.
+async fn reconnect(dir: &Path) -> Res<()> {
+    let sock = dir.join("ch.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = qemu(dir, false, &sock, true).spawn()?;
+    for round in 0..3 {
+        let (h, ready, guard) = handshake(&sock).await?;
+        let r = control(
+            &h,
+            ControlRequest::Echo {
+                payload: ByteBuf::from(vec![round as u8]),
+            },
+        )
+        .await?;
+        let e = exec(&h, "echo round $((1+1))", true).await?;
+        println!(
+            "connection {round}: ready_ms {} echo {:?} exec {:?}",
+            ready.boot.ready_ms,
+            r,
+            String::from_utf8_lossy(&e.stdout).trim()
+        );
+        if round == 2 {
+            control(&h, ControlRequest::Shutdown { reboot: false }).await?;
+            let st = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+            println!("shutdown: qemu exited {st}");
+        }
+        drop(h);
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 async fn probe(dir: &Path) -> Res<()> {
     let _ = std::fs::remove_file(dir.join("serial.log"));
     let t = Instant::now();
@@ -198,7 +290,7 @@ async fn probe(dir: &Path) -> Res<()> {
     let sock = dir.join("probe.sock");
     let _ = std::fs::remove_file(&sock);
     let _l = tokio::net::UnixListener::bind(&sock)?;
-    let st = qemu(dir, true, &sock).status().await?;
+    let st = qemu(dir, true, &sock, false).status().await?;
     let log = std::fs::read_to_string(dir.join("serial.log"))?;
     println!(
         "probe: qemu exited {st} after {:?}; probe line present: {}",
@@ -221,12 +313,15 @@ async fn main() -> Res<()> {
     if probe_only {
         return probe(&dir).await;
     }
+    if args.iter().any(|a| a == "--reconnect") {
+        return reconnect(&dir).await;
+    }
     let sock = dir.join("ch.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)?;
     let _ = std::fs::remove_file(dir.join("serial.log"));
     let t0 = Instant::now();
-    let mut child = qemu(&dir, false, &sock).spawn()?;
+    let mut child = qemu(&dir, false, &sock, false).spawn()?;
     let (conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await??;
     println!("qemu connected the channel after {:?}", t0.elapsed());
     let (h, mut inbound, _done) = Mux::start(conn, Side::Host);
@@ -257,6 +352,15 @@ async fn main() -> Res<()> {
         b.ready_ms - b.init_ms
     );
     println!("wall: qemu start -> GuestReady {ready_wall:?}");
+    if args.iter().any(|a| a == "--boot-only") {
+        let t = Instant::now();
+        let r = exec(&h, "true", false).await?;
+        println!("first exec `true`: rtt {:?} {:?}", t.elapsed(), r.exit);
+        control(&h, ControlRequest::Shutdown { reboot: false }).await?;
+        child.wait().await?;
+        println!("total wall: {:?}", t0.elapsed());
+        return Ok(());
+    }
 
     let mut echo = Vec::new();
     for _ in 0..20 {
@@ -278,7 +382,7 @@ async fn main() -> Res<()> {
 
     let r = exec(
         &h,
-        "uname -a; id; cat /proc/mounts | cut -d' ' -f1-3; hostname",
+        "uname -a; id; cat /proc/mounts | cut -d' ' -f1-3; hostname; nproc; grep Cpus_allowed_list /proc/1/status /proc/self/status; cat /sys/devices/system/cpu/online",
         true,
     )
     .await?;

@@ -107,18 +107,10 @@ async fn write_opt<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Sends events while the host listens; after the first failure it stops trying.
-struct Events<'a, S> {
-    out: &'a mut S,
-    ok: bool,
-}
-
-impl<S: AsyncWrite + Unpin> Events<'_, S> {
-    async fn send(&mut self, ev: &ExecEvent) -> bool {
-        if self.ok && frame::write_frame(self.out, ev).await.is_err() {
-            self.ok = false;
-        }
-        self.ok
+/// Send `ev` while the host listens (`host_ok`); the first failure clears `host_ok`.
+async fn send<S: AsyncWrite + Unpin>(out: &mut S, host_ok: &mut bool, ev: &ExecEvent) {
+    if *host_ok && frame::write_frame(out, ev).await.is_err() {
+        *host_ok = false;
     }
 }
 
@@ -181,14 +173,7 @@ where
     let mut timed_out = false;
     let mut host_ok = true;
 
-    {
-        let mut ev = Events {
-            out: input.get_mut(),
-            ok: true,
-        };
-        ev.send(&ExecEvent::Started { pid }).await;
-        host_ok = host_ok && ev.ok;
-    }
+    send(input.get_mut(), &mut host_ok, &ExecEvent::Started { pid }).await;
 
     loop {
         if status.is_some() && stdout.is_none() && stderr.is_none() {
@@ -198,16 +183,16 @@ where
             biased;
             r = read_opt(&mut stdout, &mut obuf) => match r {
                 Ok(n) if n > 0 => {
-                    let mut ev = Events { out: input.get_mut(), ok: host_ok };
-                    host_ok = ev.send(&ExecEvent::Stdout(ByteBuf::from(&obuf[..]))).await;
+                    let ev = ExecEvent::Stdout(ByteBuf::from(&obuf[..]));
+                    send(input.get_mut(), &mut host_ok, &ev).await;
                     if !host_ok && status.is_none() { signal_group(pid, libc::SIGKILL); }
                 }
                 _ => stdout = None,
             },
             r = read_opt(&mut stderr, &mut ebuf) => match r {
                 Ok(n) if n > 0 => {
-                    let mut ev = Events { out: input.get_mut(), ok: host_ok };
-                    host_ok = ev.send(&ExecEvent::Stderr(ByteBuf::from(&ebuf[..]))).await;
+                    let ev = ExecEvent::Stderr(ByteBuf::from(&ebuf[..]));
+                    send(input.get_mut(), &mut host_ok, &ev).await;
                     if !host_ok && status.is_none() { signal_group(pid, libc::SIGKILL); }
                 }
                 _ => stderr = None,
@@ -257,11 +242,8 @@ where
         timed_out,
         spawn_to_exit_us,
     };
-    let mut ev = Events {
-        out: input.get_mut(),
-        ok: host_ok,
-    };
-    if ev.send(&ExecEvent::Exit(exit)).await {
+    send(input.get_mut(), &mut host_ok, &ExecEvent::Exit(exit)).await;
+    if host_ok {
         let _ = input.get_mut().shutdown().await;
     }
     Ok(())

@@ -56,8 +56,10 @@ pub fn start(boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
+    console::trace(|| "runtime built".into());
     rt.block_on(async move {
         let port = FdStream::new(fd).map_err(ServeError::Wait)?;
+        console::trace(|| "port registered".into());
         run(port, boot, mode).await
     })
 }

@@ -282,3 +282,14 @@ async fn background_holder_does_not_block_exit() {
         t.elapsed()
     );
 }
+
+#[tokio::test]
+async fn children_get_default_sigpipe() {
+    // With SIGPIPE ignored (as the Rust runtime sets it for itself) `yes` would never stop.
+    let mut r = sh("yes | head -n 1");
+    r.timeout_ms = Some(5000);
+    let o = run(r).await;
+    let e = o.exit.unwrap();
+    assert!(!e.timed_out);
+    assert_eq!(o.stdout, b"y\n");
+}

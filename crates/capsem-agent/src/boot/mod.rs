@@ -6,13 +6,14 @@
 //! ```text
 //! /init ─▶ mount /proc ─▶ probe? ─yes─▶ "CAPSEM-PROBE-OK", power off
 //!                           │no
-//!   /sys, /dev ─▶ modules, lo, hostname ─────────────────────┬─▶ overlay ─▶ switch root
-//!          └─(thread) disks by serial ─▶ ext4 + squashfs ──┘
-//!   ─▶ devpts, tmpfs ─▶ fork ─┬─ parent (PID 1): reap orphans; agent exits → power off
-//!                             └─ child: return BootTiming, serve the host
-//!
-//! The disk thread is joined before the fork: PID 1 forks with no other thread alive.
+//!   /sys, /dev ─▶ modules ─▶ disks by serial ─▶ ext4 + squashfs ─▶ overlay ─▶ switch root
+//!   ─▶ devpts, tmpfs, lo, hostname ─▶ fork ─┬─ parent (PID 1): reap orphans; agent exits → power off
+//!                                           └─ child: return BootTiming, serve the host
 //! ```
+//!
+//! Everything runs on one thread, in order: under TCG, helper threads (a disk-mounting thread
+//! beside the module loading, modules loaded in parallel by dependency) measured slower, as
+//! they compete for the same host CPUs. PID 1 forks with no other thread alive.
 
 pub mod modules;
 pub mod pid1;
@@ -71,10 +72,6 @@ pub enum BootError {
     Loopback(#[source] io::Error),
     #[error("setting the hostname")]
     Hostname(#[source] io::Error),
-    #[error("starting the disk-mounting thread")]
-    Thread(#[source] io::Error),
-    #[error("the disk-mounting thread panicked")]
-    ThreadPanicked,
 }
 
 /// Mount helper that names the mount in its error.
@@ -185,22 +182,16 @@ fn boot(cmdline: &Cmdline, timing: &mut BootTiming) -> Result<(), BootError> {
     mount_or_busy("sysfs", "/sys", "sysfs", MsFlags::empty(), None)?;
     mount_or_busy("devtmpfs", "/dev", "devtmpfs", MsFlags::empty(), None)?;
     console::trace(|| "sys, dev mounted".into());
-    // The disks are mounted on a helper thread while the modules load: their I/O waits
-    // overlap the (CPU-bound) module loading. It is joined before the fork.
-    let disks = std::thread::Builder::new()
-        .name("mount-disks".into())
-        .spawn(rootfs::mount_disks)
-        .map_err(BootError::Thread)?;
     modules::load_all(
         std::path::Path::new("/modules"),
         &cmdline.virtio_mmio_params,
     )?;
     timing.modules_ms = clock::uptime_ms();
-    system::network_and_hostname(&cmdline.hostname)?;
-    disks.join().map_err(|_| BootError::ThreadPanicked)??;
+    rootfs::mount_disks()?;
     rootfs::overlay_and_switch()?;
     timing.rootfs_ms = clock::uptime_ms();
     system::mounts()?;
+    system::network_and_hostname(&cmdline.hostname)?;
     console::trace(|| "system set up".into());
     Ok(())
 }

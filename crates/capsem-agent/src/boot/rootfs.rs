@@ -75,9 +75,7 @@ fn switch_err(step: &'static str) -> impl FnOnce(nix::Error) -> BootError {
 }
 
 /// Find the disks and mount them: ext4 at `/mnt/disk` (with `upper/` and `work/`), the
-/// squashfs at `/mnt/lower`. Meant to run on a helper thread while the modules load: the disks
-/// appear as soon as `virtio_blk` is in, and the squashfs mount is retried until `squashfs.ko`
-/// has registered the filesystem type.
+/// squashfs at `/mnt/lower`.
 pub fn mount_disks() -> Result<(), BootError> {
     let (rootfs, disk) = find_disks()?;
     crate::console::trace(|| format!("disks {} {}", rootfs.display(), disk.display()));
@@ -95,20 +93,8 @@ pub fn mount_disks() -> Result<(), BootError> {
     )?;
     mkdir("/mnt/disk/upper")?;
     mkdir("/mnt/disk/work")?;
-    crate::console::trace(|| "ext4 mounted".into());
-    let start = Instant::now();
-    loop {
-        match mount(&dev(&rootfs), LOWER, "squashfs", MsFlags::MS_RDONLY, None) {
-            Err(BootError::Mount { source, .. })
-                if source.raw_os_error() == Some(libc::ENODEV)
-                    && start.elapsed() < APPEAR_TIMEOUT =>
-            {
-                std::thread::sleep(POLL_EVERY)
-            }
-            r => break r?,
-        }
-    }
-    crate::console::trace(|| "squashfs mounted".into());
+    mount(&dev(&rootfs), LOWER, "squashfs", MsFlags::MS_RDONLY, None)?;
+    crate::console::trace(|| "ext4 and squashfs mounted".into());
     Ok(())
 }
 
