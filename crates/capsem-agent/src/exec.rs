@@ -12,6 +12,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use bytes::BufMut;
 use capsem_proto::exec::{Command, ExecEvent, ExecExit, ExecInput, ExecRequest};
 use capsem_proto::frame::{self, FrameError, CHUNK};
 use capsem_proto::ExitStatus;
@@ -82,17 +83,35 @@ fn build(req: &ExecRequest) -> Result<tokio::process::Command, String> {
     Ok(cmd)
 }
 
-/// Read up to [`CHUNK`] bytes from an optional pipe into `buf` (replacing its contents; the
-/// buffer is never zeroed); pending forever when the pipe is closed.
+/// First size of an output buffer; it doubles (up to [`CHUNK`]) each time a read fills it, so
+/// short jobs never allocate 64 KiB buffers (which musl serves with mmap/munmap per job).
+pub const FIRST_READ: usize = 4096;
+
+/// Read once from `r` into `buf`, replacing its contents (the buffer is never zeroed); grows
+/// `buf` for the next read when this one filled it.
+pub async fn read_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    buf.clear();
+    if buf.capacity() == 0 {
+        buf.reserve_exact(FIRST_READ);
+    }
+    let cap = buf.capacity().min(CHUNK);
+    let n = r.read_buf(&mut (&mut *buf).limit(cap)).await?;
+    if n == cap && cap < CHUNK {
+        buf.reserve_exact((cap * 2).min(CHUNK));
+    }
+    Ok(n)
+}
+
+/// [`read_chunk`] from an optional pipe; pending forever when the pipe is closed.
 async fn read_opt<R: AsyncRead + Unpin>(
     r: &mut Option<R>,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     match r {
-        Some(r) => {
-            buf.clear();
-            r.read_buf(buf).await
-        }
+        Some(r) => read_chunk(r, buf).await,
         None => std::future::pending().await,
     }
 }
@@ -166,8 +185,8 @@ where
     let drain = tokio::time::sleep_until(far);
     tokio::pin!(drain);
 
-    let mut obuf = Vec::with_capacity(CHUNK);
-    let mut ebuf = Vec::with_capacity(CHUNK);
+    let mut obuf = Vec::new();
+    let mut ebuf = Vec::new();
     let mut status: Option<ExitStatus> = None;
     let mut spawn_to_exit_us = 0u64;
     let mut timed_out = false;

@@ -11,14 +11,14 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use capsem_proto::frame::{self, FrameError, CHUNK};
+use capsem_proto::frame::{self, FrameError};
 use capsem_proto::terminal::{TerminalEvent, TerminalInput, TerminalRequest};
 use capsem_proto::ExitStatus;
 use serde_bytes::ByteBuf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::exec::{exit_status, signal_group, DRAIN_AFTER_EXIT};
+use crate::exec::{exit_status, read_chunk, signal_group, DRAIN_AFTER_EXIT};
 use crate::fdio::FdStream;
 use crate::framed::FrameReader;
 
@@ -176,7 +176,7 @@ where
     let pid = child.id().unwrap_or(0);
     let mut master_w = master.clone();
 
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut master_open = true;
     let mut input_open = true;
@@ -195,9 +195,9 @@ where
         }
         tokio::select! {
             biased;
-            r = master.read(&mut buf), if master_open => match r {
+            r = read_chunk(&mut master, &mut buf), if master_open => match r {
                 Ok(n) if n > 0 => {
-                    let ev = TerminalEvent::Data(ByteBuf::from(&buf[..n]));
+                    let ev = TerminalEvent::Data(ByteBuf::from(&buf[..]));
                     send(input.get_mut(), &mut host_ok, &ev).await;
                 }
                 // EIO: every slave descriptor is closed and the output is drained.

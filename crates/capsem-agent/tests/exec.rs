@@ -164,6 +164,10 @@ async fn five_mib_binary_stream_is_identical_and_chunked() {
     .await;
     assert_eq!(o.exit.unwrap().status, ExitStatus::Code(0));
     assert!(o.max_chunk <= CHUNK);
+    assert!(
+        o.max_chunk > exec::FIRST_READ,
+        "output buffers did not grow"
+    );
     assert!(o.stdout == data, "stream differs");
 }
 
