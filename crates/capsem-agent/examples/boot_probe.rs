@@ -5,7 +5,7 @@
 //!
 //! Usage: `cargo run --example boot_probe -- [--probe] [DIR]` where DIR (default
 //! `/tmp/agent-test`) holds `initrd.img`, `rootfs.squashfs`, `disk.img`; `KERNEL` overrides
-//! the kernel path, `SMP`/`MEM` the vCPUs (1) and MiB (1024), `APPEND` adds kernel arguments
+//! the kernel path, `NOSEED=1` leaves out the `capsem.seed=` RNG seed, `SMP`/`MEM` the vCPUs (1) and MiB (1024), `APPEND` adds kernel arguments
 //! `QEMU_EXTRA` QEMU arguments and `SERIAL_OPTS` options of the virtio-serial device (for
 //! example `,max_ports=2`).
 
@@ -44,6 +44,16 @@ fn qemu(dir: &Path, probe: bool, sock: &Path, server: bool) -> tokio::process::C
     );
     if probe {
         append.push_str(" capsem.probe=1");
+    }
+    // A fresh RNG seed for every boot, as the host should pass (`NOSEED=1` leaves it out).
+    if std::env::var_os("NOSEED").is_none() {
+        let mut seed = [0u8; 32];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read;
+            let _ = f.read_exact(&mut seed);
+        }
+        append.push_str(" capsem.seed=");
+        append.extend(seed.iter().map(|b| format!("{b:02x}")));
     }
     if let Ok(extra) = std::env::var("APPEND") {
         append.push(' ');
@@ -328,9 +338,11 @@ async fn main() -> Res<()> {
     let first = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
         .await?
         .ok_or("channel closed before the guest was ready")?;
+    let first_stream = t0.elapsed();
     let mut lc = accept(first).await?;
     let ready: GuestReady = frame::expect_frame(&mut lc.stream, "GuestReady").await?;
     let ready_wall = t0.elapsed();
+    println!("first inbound stream at {first_stream:?}");
     frame::write_frame(
         &mut lc.stream,
         &HostHello::Accepted {

@@ -10,6 +10,8 @@ pub struct Cmdline {
     pub hostname: String,
     /// `capsem.trace=1`: print boot-profiling lines to the console.
     pub trace: bool,
+    /// `capsem.seed=HEX`: random bytes from the host to seed the kernel RNG with.
+    pub seed: Option<String>,
     /// `virtio_mmio.KEY=VALUE` entries as `KEY=VALUE`, space-separated, for `finit_module`.
     pub virtio_mmio_params: String,
 }
@@ -51,6 +53,7 @@ impl Cmdline {
         let mut c = Cmdline {
             probe: false,
             trace: false,
+            seed: None,
             hostname: DEFAULT_HOSTNAME.to_string(),
             virtio_mmio_params: String::new(),
         };
@@ -63,6 +66,7 @@ impl Cmdline {
             match key {
                 "capsem.probe" => c.probe = matches!(val, Some("1") | Some("true") | None),
                 "capsem.trace" => c.trace = matches!(val, Some("1") | Some("true") | None),
+                "capsem.seed" => c.seed = val.map(str::to_string),
                 "capsem.hostname" => {
                     if let Some(v) = val.filter(|v| !v.is_empty()) {
                         c.hostname = v.to_string();
@@ -101,11 +105,12 @@ mod tests {
     #[test]
     fn capsem_keys_and_mmio_params() {
         let c = Cmdline::parse(
-            "console=ttyS0 capsem.probe=1 capsem.hostname=box \
+            "console=ttyS0 capsem.probe=1 capsem.hostname=box capsem.seed=00ff \
              virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=512@0xfeb00c00:11 other.x=1\n",
         );
         assert!(c.probe);
         assert!(!c.trace);
+        assert_eq!(c.seed.as_deref(), Some("00ff"));
         assert_eq!(c.hostname, "box");
         assert_eq!(
             c.virtio_mmio_params,

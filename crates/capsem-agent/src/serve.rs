@@ -52,6 +52,14 @@ pub fn start(boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
     let path = channel::find_port(capsem_proto::CHANNEL_PORT_NAME, channel::APPEAR_TIMEOUT)?;
     let fd = channel::open(&path)?;
     console::trace(|| format!("channel {} open", path.display()));
+    // The mux draws random ids: wait for the kernel RNG here, visibly, not inside it.
+    let waited = crate::boot::entropy::wait_ready();
+    if waited > Duration::from_millis(50) {
+        console::line(&format!(
+            "waited {} ms for the kernel RNG to be seeded (pass capsem.seed=<hex> or give the VM an RNG)",
+            waited.as_millis()
+        ));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -122,14 +130,16 @@ where
         .open(port::LIFECYCLE)
         .await
         .map_err(ServeError::Lifecycle)?;
+    console::trace(|| "lifecycle stream open".into());
     frame::write_frame(&mut lifecycle, &ready)
         .await
         .map_err(ServeError::Handshake)?;
+    console::trace(|| "GuestReady sent".into());
     match frame::expect_frame(&mut lifecycle, "HostHello")
         .await
         .map_err(ServeError::Handshake)?
     {
-        HostHello::Accepted { .. } => {}
+        HostHello::Accepted { .. } => console::trace(|| "HostHello received".into()),
         HostHello::Refused { reason } => return Err(ServeError::Refused(reason)),
     }
     let b = &ready.boot;
@@ -169,7 +179,7 @@ where
             Ok(Outcome::Shutdown { reboot }) => {
                 if mode == Mode::Vm {
                     // Let the reply leave the virtqueue before the machine goes away.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     if reboot {
                         power::reboot();
                     }
