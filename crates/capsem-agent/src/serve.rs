@@ -44,6 +44,8 @@ pub enum ServeError {
     Channel(#[from] channel::ChannelError),
     #[error("starting the runtime failed")]
     Runtime(#[source] std::io::Error),
+    #[error("registering the channel with the runtime failed")]
+    Register(#[source] std::io::Error),
 }
 
 /// Find and open the channel, build the runtime and [`run`] on it. Blocks.
@@ -66,7 +68,7 @@ pub fn start(boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     console::trace(|| "runtime built".into());
     rt.block_on(async move {
-        let port = FdStream::new(fd).map_err(ServeError::Wait)?;
+        let port = FdStream::new(fd).map_err(ServeError::Register)?;
         console::trace(|| "port registered".into());
         run(port, boot, mode).await
     })
