@@ -20,7 +20,7 @@ use capsem_proto::{port, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::control::{self, Outcome};
-use crate::fdio::FdStream;
+use crate::fdio::{Coalesce, FdStream};
 use crate::{channel, clock, console, exec, power, terminal};
 
 /// Whether this agent is a VM's init (may power off) or a standalone process.
@@ -105,7 +105,7 @@ pub async fn run(port: FdStream, mut boot: BootTiming, mode: Mode) -> Result<(),
             kernel_release: release.clone(),
             boot: boot.clone(),
         };
-        match serve_connection(port.clone(), ready, mode).await {
+        match serve_connection(Coalesce::new(port.clone()), ready, mode).await {
             Ok(()) => {}
             Err(ServeError::Refused(reason)) => {
                 console::line(&format!("host refused the agent: {reason}"));
