@@ -11,9 +11,10 @@
 //!                                                          └─ child: return BootTiming, serve
 //! ```
 //!
-//! Everything runs on one thread, in order: under TCG, helper threads (a disk-mounting thread
-//! beside the module loading, modules loaded in parallel by dependency) measured slower, as
-//! they compete for the same host CPUs. PID 1 forks with no other thread alive.
+//! Everything runs on one thread, in order: under TCG, helpers (a disk-mounting thread beside
+//! the module loading, modules loaded in parallel by dependency, a background `/bin/sh` to warm
+//! the first exec) measured slower, as they compete for the same host CPUs. PID 1 forks with no
+//! other thread alive.
 
 pub mod entropy;
 pub mod modules;
@@ -195,28 +196,7 @@ fn boot(cmdline: &Cmdline, timing: &mut BootTiming) -> Result<(), BootError> {
     system::mounts()?;
     system::network_and_hostname(&cmdline.hostname)?;
     console::trace(|| "system set up".into());
-    prewarm_shell();
     Ok(())
-}
-
-/// Start `/bin/sh -c :` in the background and forget it (PID 1 reaps it). The first command
-/// run in a fresh VM pays for loading the shell, the dynamic linker and libc from the squashfs
-/// and, under TCG, for translating their code; doing that while the agent starts and the host
-/// handshakes cut the first exec from about 130 ms to 70–100 ms (measured, 1 and 2 vCPUs).
-fn prewarm_shell() {
-    use std::process::{Command, Stdio};
-    let r = Command::new("/bin/sh")
-        .args(["-c", ":"])
-        .env_clear()
-        .env("PATH", crate::env::PATH)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    if let Err(e) = r {
-        console::trace(|| format!("shell prewarm not started: {e}"));
-    }
 }
 
 /// Mount, treating "already mounted" as success.
