@@ -7,8 +7,9 @@
 //! /init ─▶ mount /proc ─▶ probe? ─yes─▶ "CAPSEM-PROBE-OK", power off
 //!                           │no
 //!   /sys, /dev ─▶ credit capsem.seed ─▶ modules ─▶ disks by serial ─▶ ext4 + squashfs
-//!   ─▶ overlay ─▶ switch root ─▶ devpts, tmpfs, lo, hostname, shell prewarm ─▶ fork ─┬─ PID 1: reap orphans; agent exits → power off
-//!                                                          └─ child: return BootTiming, serve
+//!   ─▶ overlay ─▶ switch root ─▶ devpts, tmpfs, lo, hostname
+//!   ─▶ fork ─┬─ parent (PID 1): reap orphans; when the agent exits, power off
+//!            └─ child: return BootTiming, serve the host
 //! ```
 //!
 //! Everything runs on one thread, in order: under TCG, helpers (a disk-mounting thread beside
