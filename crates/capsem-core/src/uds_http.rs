@@ -46,23 +46,59 @@ impl ClientError {
     }
 }
 
-#[derive(Debug, Clone)]
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Idle keep-alive connections kept per client (clones share them).
+const MAX_IDLE: usize = 8;
+
+/// Client for one socket. Clones share a small pool of idle keep-alive connections, so a
+/// long-lived client (the service's handle on a VM) skips the connect and handshake per call.
+#[derive(Clone)]
 pub struct UdsClient {
     path: PathBuf,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<Sender>>>,
+}
+
+impl std::fmt::Debug for UdsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdsClient")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl UdsClient {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        UdsClient { path: path.into() }
+        UdsClient {
+            path: path.into(),
+            idle: Default::default(),
+        }
+    }
+
+    fn pooled(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some(s) = idle.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, s: Sender) {
+        if s.is_ready() {
+            let mut idle = self.idle.lock().expect("pool lock");
+            if idle.len() < MAX_IDLE {
+                idle.push(s);
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+    async fn connect(&self) -> Result<Sender, ClientError> {
         let stream =
             UnixStream::connect(&self.path)
                 .await
@@ -96,10 +132,27 @@ impl UdsClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let mut sender = self.connect().await?;
-        let resp = sender.send_request(Self::build(method, path, body)).await?;
+        let req = Self::build(method.clone(), path, body.clone());
+        let resp = match self.pooled() {
+            // A kept connection the server has since closed fails at once: retry on a new one.
+            Some(mut s) => match s.send_request(req).await {
+                Ok(r) => Ok((s, r)),
+                Err(e) if e.is_closed() || e.is_canceled() => Err(()),
+                Err(e) => return Err(e.into()),
+            },
+            None => Err(()),
+        };
+        let (sender, resp) = match resp {
+            Ok(x) => x,
+            Err(()) => {
+                let mut s = self.connect().await?;
+                let r = s.send_request(Self::build(method, path, body)).await?;
+                (s, r)
+            }
+        };
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
+        self.give_back(sender);
         Ok((status, bytes))
     }
 

@@ -11,7 +11,7 @@
 //! - Boot → exec-ready of `create`, and RSS of QEMU + capsem-process for an idle `--ram 4` session.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use capsem_core::api::{
@@ -145,6 +145,19 @@ fn main() {
             },
         ))
         .unwrap();
+    // The same echo, one per API call: the host's HTTP hops (client → service → process).
+    let mut api_echo_ms = Vec::new();
+    rt.block_on(async {
+        let path = format!("/vms/{}/bench/echo", info.id);
+        let one = EchoBenchRequest { count: 1, size: 0 };
+        for i in 0..n + 20 {
+            let t = Instant::now();
+            let _: EchoBenchResponse = client.post(&path, &one).await.unwrap();
+            if i >= 20 {
+                api_echo_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    });
     let mut echo_ms: Vec<f64> = echo.samples_us[20..]
         .iter()
         .map(|u| *u as f64 / 1000.0)
@@ -171,6 +184,12 @@ fn main() {
     println!("P2 exec `true` round trip (API)        p50 {exec_p50:8.3} ms  p99 {exec_p99:.3} ms  (n={n})");
     println!("P2 channel echo (in capsem-process)    p50 {echo_p50:8.3} ms");
     println!("P2 guest spawn+wait of `true`          p50 {spawn_p50:8.3} ms");
+    let api_echo_p50 = median(&mut api_echo_ms);
+    println!(
+        "   echo through the API                p50 {api_echo_p50:8.3} ms => host HTTP hops {:.3} ms; guest-side exec handling {:.3} ms",
+        api_echo_p50 - echo_p50,
+        exec_p50 - api_echo_p50 - spawn_p50
+    );
     println!(
         "P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms)",
         exec_p50 - echo_p50 - spawn_p50
@@ -185,46 +204,24 @@ fn main() {
 }
 
 /// Raw QEMU boot of the same kernel + initrd to `/init`, which prints the probe line and powers
-/// off; wall time to QEMU's exit, in ms.
+/// off (the same machine as `capsem run`'s: `qemu::probe_command`); wall time to exit, in ms.
 fn raw_boot(
     qemu_bin: &std::path::Path,
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     accel: &str,
 ) -> f64 {
-    let mut append = "console=ttyS0 quiet panic=-1 capsem.probe=1".to_string();
-    if accel == "tcg" {
-        if let Some(khz) = qemu::host_tsc_khz() {
-            append.push_str(&format!(" tsc_early_khz={khz}"));
-        }
-    }
+    let accel = capsem_core::hypervisor::Accel::parse(accel).expect("kvm or tcg");
+    let mut cmd = qemu::probe_command(
+        qemu_bin,
+        kernel,
+        initrd,
+        accel,
+        capsem_core::api::DEFAULT_RAM_MB,
+        capsem_core::api::default_cpus(),
+    );
     let t = Instant::now();
-    let out = Command::new(qemu_bin)
-        .args([
-            "-M",
-            &format!("microvm,accel={accel},x-option-roms=off"),
-            "-m",
-            &format!("{}M", capsem_core::api::DEFAULT_RAM_MB),
-            "-smp",
-            &capsem_core::api::default_cpus().to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(&append)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cmd.stderr(Stdio::null()).output().unwrap();
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(qemu::PROBE_MARKER),

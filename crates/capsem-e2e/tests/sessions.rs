@@ -130,9 +130,15 @@ fn uds_path_selects_another_service() {
     let Some(env) = Env::new() else { return };
     let sock = env.path().join("other.sock");
     let sock = sock.to_str().unwrap();
-    let id = env.ok(&["--uds-path", sock, "create", "--ram", "1", "--cpu", "1"]).trim().to_string();
+    let id = env
+        .ok(&["--uds-path", sock, "create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
     assert!(std::path::Path::new(sock).exists());
-    assert_eq!(env.ok(&["--uds-path", sock, "exec", &id, "echo via-other"]), "via-other\n");
+    assert_eq!(
+        env.ok(&["--uds-path", sock, "exec", &id, "echo via-other"]),
+        "via-other\n"
+    );
     // The default socket has no service behind it.
     let out = env.capsem(&["status"]);
     assert!(!out.status.success());

@@ -38,35 +38,11 @@ impl Qemu {
 
     /// The full argument list for `spec` (without the program name).
     pub fn args(&self, spec: &VmSpec) -> Vec<String> {
-        let mut cmdline = vec![
-            "console=ttyS0".to_string(),
-            "quiet".into(),
-            "panic=-1".into(),
-            format!("capsem.hostname={}", spec.hostname),
-        ];
-        if self.accel == Accel::Tcg {
-            if let Some(khz) = host_tsc_khz() {
-                cmdline.push(format!("tsc_early_khz={khz}"));
-            }
-        }
-        cmdline.extend(spec.cmdline_extra.iter().cloned());
+        let mut extra = vec![format!("capsem.hostname={}", spec.hostname)];
+        extra.extend(spec.cmdline_extra.iter().cloned());
         let p = |p: &Path| p.display().to_string();
-        let mut a: Vec<String> = vec![
-            "-M".into(),
-            format!("microvm,accel={},x-option-roms=off", self.accel.as_str()),
-        ];
-        if self.accel == Accel::Kvm {
-            a.extend(["-cpu".into(), "host".into()]);
-        }
+        let mut a = machine_args(self.accel, spec.ram_mb, spec.cpus);
         a.extend([
-            "-m".into(),
-            format!("{}M", spec.ram_mb),
-            "-smp".into(),
-            spec.cpus.to_string(),
-            "-nodefaults".into(),
-            "-no-user-config".into(),
-            "-nographic".into(),
-            "-no-reboot".into(),
             "-chardev".into(),
             format!("file,id=serial0,path={}", p(&spec.serial_log)),
             "-serial".into(),
@@ -76,7 +52,7 @@ impl Qemu {
             "-initrd".into(),
             p(&spec.initrd),
             "-append".into(),
-            cmdline.join(" "),
+            kernel_cmdline(self.accel, &extra),
             "-drive".into(),
             format!(
                 "id=rootfs,file={},format=raw,readonly=on,if=none",
@@ -92,7 +68,8 @@ impl Qemu {
             "-device".into(),
             "virtio-blk-device,drive=disk,serial=capsem-disk".into(),
             "-device".into(),
-            "virtio-serial-device".into(),
+            // Two ports' worth of queues instead of 64: virtio_console probes faster.
+            "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
             format!("socket,id=channel0,path={}", p(&spec.channel_socket)),
             "-device".into(),
@@ -150,6 +127,76 @@ impl Hypervisor for Qemu {
         let pid = child.id().unwrap_or(0);
         Ok(RunningVm { child, pid })
     }
+}
+
+/// Machine, CPU, memory and the flags every capsem VM shares — also the probe's and the boot
+/// benchmark's baseline, so they all boot the same virtual machine.
+pub fn machine_args(accel: Accel, ram_mb: u32, cpus: u32) -> Vec<String> {
+    let cpu = match accel {
+        Accel::Kvm => "host",
+        // RDRAND lets the guest kernel seed its RNG at boot (it trusts the CPU); without it the
+        // first getrandom() in the guest waits about a second under TCG.
+        Accel::Tcg => "qemu64,+rdrand",
+    };
+    [
+        "-M",
+        &format!("microvm,accel={},x-option-roms=off", accel.as_str()),
+        "-cpu",
+        cpu,
+        "-m",
+        &format!("{ram_mb}M"),
+        "-smp",
+        &cpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The guest kernel command line: console, `tsc_early_khz` under TCG (see the module doc), and
+/// `extra` (`capsem.*` keys for the agent).
+pub fn kernel_cmdline(accel: Accel, extra: &[String]) -> String {
+    let mut c: Vec<String> = ["console=ttyS0", "quiet", "panic=-1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if accel == Accel::Tcg {
+        if let Some(khz) = host_tsc_khz() {
+            c.push(format!("tsc_early_khz={khz}"));
+        }
+        // With several vCPUs the kernel finds TCG's TSCs "unsynchronized" and falls back to
+        // jiffies: a 4 ms clock for every timestamp and timer in the guest. TCG derives every
+        // vCPU's TSC from the same host clock, so it is reliable.
+        c.push("tsc=reliable".to_string());
+    }
+    c.extend(extra.iter().cloned());
+    c.join(" ")
+}
+
+/// The command that boots `kernel` + `initrd` in probe mode: `/init` prints [`PROBE_MARKER`] on
+/// the serial console (stdout) and powers off.
+pub fn probe_command(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    accel: Accel,
+    ram_mb: u32,
+    cpus: u32,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args(machine_args(accel, ram_mb, cpus))
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(kernel_cmdline(accel, &["capsem.probe=1".to_string()]))
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// Ask the kernel to SIGKILL the child when the thread that spawned it exits, so a killed
@@ -218,42 +265,11 @@ pub async fn probe(
     accel: Accel,
     limit: Duration,
 ) -> std::io::Result<bool> {
-    let mut cmdline = vec!["console=ttyS0", "quiet", "panic=-1", "capsem.probe=1"]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-    if accel == Accel::Tcg {
-        if let Some(khz) = host_tsc_khz() {
-            cmdline.push(format!("tsc_early_khz={khz}"));
-        }
-    }
-    let mut cmd = tokio::process::Command::new(qemu);
-    cmd.args([
-        "-M",
-        &format!("microvm,accel={},x-option-roms=off", accel.as_str()),
-    ]);
-    if accel == Accel::Kvm {
-        cmd.args(["-cpu", "host"]);
-    }
-    cmd.args([
-        "-m",
-        "256M",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-    ])
-    .args(["-no-reboot", "-serial", "stdio", "-kernel"])
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(cmdline.join(" "))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .kill_on_drop(true);
+    let mut cmd: tokio::process::Command =
+        probe_command(qemu, kernel, initrd, accel, 256, 1).into();
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let mut out = child.stdout.take().expect("piped");
     let found = tokio::time::timeout(limit, async {

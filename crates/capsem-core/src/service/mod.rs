@@ -66,6 +66,8 @@ struct Entry {
     /// Becomes true when the session's capsem-process has exited.
     exited: watch::Receiver<bool>,
     pid: Option<u32>,
+    /// The VM's per-VM API (kept, so its connections are reused).
+    client: UdsClient,
 }
 
 struct Inner {
@@ -146,6 +148,7 @@ impl Service {
                 vm,
                 exited: exited.clone(),
                 pid,
+                client: UdsClient::new(self.home().instance_socket(&id)),
             },
         );
         drop(map);
@@ -270,6 +273,7 @@ impl Service {
                     vm: None,
                     exited: exited_rx.clone(),
                     pid: None,
+                    client: UdsClient::new(self.home().instance_socket(&id)),
                 },
             );
         }
@@ -380,7 +384,7 @@ impl Service {
                 ),
             ));
         }
-        Ok((id.clone(), UdsClient::new(self.home().instance_socket(&id))))
+        Ok((id, e.client.clone()))
     }
 
     /// Stop the VM and remove the session and its directory.
