@@ -243,6 +243,7 @@ impl Inputs {
             &packages.join(","),
             GUEST_HOSTNAME,
             RESOLV_CONF_PLACEHOLDER,
+            &super::rootfs::SQUASHFS_COMPRESSION.join(" "),
         ]);
         let disk = digest(&[
             "disk",
