@@ -109,6 +109,30 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// Make a whole tree private: directories 0700, files 0600 (symlinks are left alone).
+pub fn make_private_tree(root: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(root)?;
+    if meta.is_dir() {
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
+        for entry in fs::read_dir(root)? {
+            make_private_tree(&entry?.path())?;
+        }
+    } else if meta.is_file() {
+        fs::set_permissions(root, fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Open a log file for appending, creating it with mode 0600.
+pub fn private_log(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn absolute(p: &Path) -> io::Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())

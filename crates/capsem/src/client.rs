@@ -53,14 +53,7 @@ impl Target {
         self.home
             .ensure()
             .with_context(|| format!("cannot create {}", self.home.root().display()))?;
-        let log = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(self.home.service_log())?
-        };
+        let log = capsem_core::paths::private_log(&self.home.service_log())?;
         let mut cmd = std::process::Command::new(&bin);
         cmd.arg("--uds-path")
             .arg(&self.socket)

@@ -43,6 +43,13 @@ async fn build(target: &Target, force: bool, agent: Option<PathBuf>) -> anyhow::
     })
     .await
     .context("the image build task failed")??;
+    // Everything under CAPSEM_HOME is private to the user, the guest image included.
+    for tree in [home.assets_root(), home.cache_dir()] {
+        if tree.exists() {
+            capsem_core::paths::make_private_tree(&tree)
+                .with_context(|| format!("cannot make {} private", tree.display()))?;
+        }
+    }
     if outcome.rebuilt.is_empty() {
         println!("guest image up to date in {}", outcome.assets.dir.display());
     } else {
