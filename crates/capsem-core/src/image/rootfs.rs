@@ -163,12 +163,12 @@ pub(crate) fn squash(
 ) -> Result<(), ImageError> {
     tools::run(
         "squash",
-        tools.command("mksquashfs").arg(tree).arg(out).args(SQUASHFS_COMPRESSION).args([
-            "-noappend",
-            "-quiet",
-            "-processors",
-            "2",
-        ]),
+        tools
+            .command("mksquashfs")
+            .arg(tree)
+            .arg(out)
+            .args(SQUASHFS_COMPRESSION)
+            .args(["-noappend", "-quiet", "-processors", "2"]),
         progress,
         true,
     )?;

@@ -70,7 +70,7 @@ pub async fn start(
         return Err(SpawnError::Missing(bin));
     }
     let dir = home.session_dir(id);
-    let log = private_log(&dir.join("process.log"))?;
+    let log = crate::paths::private_log(&dir.join("process.log"))?;
     let (read_end, write_end) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     let mut cmd = tokio::process::Command::new(&bin);
@@ -137,15 +137,6 @@ async fn read_line(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
         .read_until(b'\n', &mut line)
         .await?;
     Ok(line)
-}
-
-fn private_log(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
 }
 
 /// Last `n` lines of a text file, joined with " | " (for one-line error messages).
