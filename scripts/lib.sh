@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MUSL_TARGET=x86_64-unknown-linux-musl
-APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap squashfs-tools e2fsprogs kmod cpio tmux ca-certificates)
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap squashfs-tools e2fsprogs kmod cpio tmux curl ca-certificates)
 
 die() { echo "error: $*" >&2; exit 1; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -56,10 +56,9 @@ fn conflict_is_http_409_and_assets_missing_is_503() {
         ])
         .arg(&sock)
         .args(["-X", "POST", "-d", body, "http://capsem/vms/create"])
-        .output();
-    if let Ok(out) = out {
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "409");
-    }
+        .output()
+        .expect("curl is needed for this test (scripts/lib.sh installs it)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "409");
     env.ok(&["delete", "dup"]);
 
     // A home without a guest image.
@@ -67,16 +66,15 @@ fn conflict_is_http_409_and_assets_missing_is_503() {
     let out = bare.capsem(&["run", "true"]);
     one_clear_line(&out, "capsem setup");
     let sock = bare.path().join("run/service.sock");
-    if let Ok(out) = std::process::Command::new("curl")
+    let out = std::process::Command::new("curl")
         .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
         .arg(&sock)
         .args(["-X", "POST", "-d", "{}", "http://capsem/vms/create"])
         .output()
-    {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.ends_with("503"), "{text}");
-        assert!(text.contains("capsem setup"), "{text}");
-    }
+        .expect("curl is needed for this test (scripts/lib.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("503"), "{text}");
+    assert!(text.contains("capsem setup"), "{text}");
 }
 
 #[test]
