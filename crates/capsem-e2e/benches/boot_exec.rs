@@ -82,6 +82,8 @@ fn main() {
     }
     let raw_p50 = median(&mut raw);
     let ours_p50 = median(&mut ours);
+    let spread = |v: &[f64]| format!("min {:.0} max {:.0}", v[0], v[v.len() - 1]);
+    let (raw_spread, ours_spread) = (spread(&raw), spread(&ours));
 
     // ---- boot → exec-ready, RSS, P2 ----
     let mut create_ms = Vec::new();
@@ -174,8 +176,8 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    println!("P1 raw QEMU boot to /init + poweroff   p50 {raw_p50:8.1} ms");
-    println!("P1 capsem run true                     p50 {ours_p50:8.1} ms");
+    println!("P1 raw QEMU boot to /init + poweroff   p50 {raw_p50:8.1} ms  ({raw_spread})");
+    println!("P1 capsem run true                     p50 {ours_p50:8.1} ms  ({ours_spread})");
     println!(
         "P1 ratio                                   {:8.3}  (target <= 1.15)",
         ours_p50 / raw_p50
