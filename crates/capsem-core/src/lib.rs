@@ -9,6 +9,7 @@ pub mod image;
 pub mod instance;
 pub mod names;
 pub mod paths;
+pub mod policy;
 pub mod record;
 pub mod service;
 pub mod uds_http;

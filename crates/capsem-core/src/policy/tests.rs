@@ -1,0 +1,223 @@
+//! Policy decisions, data-driven, and the corp/user layering in both directions.
+
+use super::*;
+
+fn settings(toml: &str) -> NetworkSettings {
+    NetworkSettings::parse(toml, "test.toml").unwrap()
+}
+
+fn policy(user: &str, corp: &str) -> Policy {
+    Policy::layered(&settings(user), &settings(corp)).unwrap()
+}
+
+const USER: &str = r#"
+[network]
+default = "deny"
+allow = ["*.pypi.org", "pypi.org", "api.example.com"]
+block = ["evil.pypi.org"]
+
+[[network.rules]]
+domain = "api.example.com"
+method = "POST"
+path = "/v1/*"
+action = "deny"
+
+[[network.rules]]
+domain = "uploads.example.com"
+method = "PUT"
+path = "/public/"
+action = "allow"
+
+[network.upstream_override]
+"api.example.com" = "127.0.0.1:8443"
+"#;
+
+#[test]
+fn decisions() {
+    let p = policy(USER, "");
+    let cases = [
+        (
+            "pypi.org",
+            "GET",
+            "/simple/",
+            Action::Allow,
+            "allow pypi.org",
+        ),
+        (
+            "files.pypi.org",
+            "GET",
+            "/x",
+            Action::Allow,
+            "allow *.pypi.org",
+        ),
+        (
+            "evil.pypi.org",
+            "GET",
+            "/",
+            Action::Deny,
+            "block evil.pypi.org",
+        ),
+        (
+            "api.example.com",
+            "GET",
+            "/v1/models",
+            Action::Allow,
+            "allow api.example.com",
+        ),
+        (
+            "api.example.com",
+            "post",
+            "/v1/messages",
+            Action::Deny,
+            "rule 1",
+        ),
+        (
+            "api.example.com",
+            "POST",
+            "/v2/messages",
+            Action::Allow,
+            "allow api.example.com",
+        ),
+        (
+            "uploads.example.com",
+            "PUT",
+            "/public/a",
+            Action::Allow,
+            "rule 2",
+        ),
+        (
+            "uploads.example.com",
+            "PUT",
+            "/private/a",
+            Action::Deny,
+            "default deny",
+        ),
+        ("other.com", "GET", "/", Action::Deny, "default deny"),
+    ];
+    for (domain, method, path, action, rule) in cases {
+        let d = p.decide(domain, method, path);
+        assert_eq!(d.action, action, "{method} {domain}{path}: {d:?}");
+        assert!(d.rule.starts_with(rule), "{method} {domain}{path}: {d:?}");
+    }
+}
+
+#[test]
+fn dns_follows_the_request_rules() {
+    let p = policy(USER, "");
+    assert_eq!(p.decide_domain("files.pypi.org").action, Action::Allow);
+    assert_eq!(p.decide_domain("evil.pypi.org").action, Action::Deny);
+    // Only some requests allowed, but the name must resolve for them.
+    assert_eq!(p.decide_domain("uploads.example.com").action, Action::Allow);
+    assert_eq!(p.decide_domain("nowhere.com").action, Action::Deny);
+}
+
+#[test]
+fn upstream_override_and_defaults() {
+    let p = policy(USER, "");
+    assert_eq!(p.upstream_for("API.example.com."), Some("127.0.0.1:8443"));
+    assert_eq!(p.upstream_for("pypi.org"), None);
+    // Nothing configured: deny by default.
+    let empty = policy("", "");
+    assert_eq!(empty.decide("example.com", "GET", "/").rule, "default deny");
+}
+
+#[test]
+fn corp_wins_and_locks_what_it_sets() {
+    // Corp sets the default: the user's "allow" is ignored and the key is locked.
+    let p = policy(
+        "[network]\ndefault = \"allow\"\n",
+        "[network]\ndefault = \"deny\"\n",
+    );
+    assert_eq!(p.decide("x.com", "GET", "/").action, Action::Deny);
+    assert!(p.locked().contains("default"));
+
+    // The other direction: corp allows by default, the user cannot tighten a locked key…
+    let p = policy(
+        "[network]\ndefault = \"deny\"\n",
+        "[network]\ndefault = \"allow\"\n",
+    );
+    assert_eq!(p.decide("x.com", "GET", "/").action, Action::Allow);
+
+    // …but keys the corp file leaves alone stay the user's.
+    let p = policy(
+        "[network]\nallow = [\"pypi.org\"]\n",
+        "[network]\nblock = [\"*.evil.com\"]\n",
+    );
+    assert_eq!(p.decide("pypi.org", "GET", "/").action, Action::Allow);
+    assert_eq!(p.decide("a.evil.com", "GET", "/").action, Action::Deny);
+    assert!(p.locked().contains("block") && !p.locked().contains("allow"));
+
+    // A corp block list replaces the user's.
+    let p = policy(
+        "[network]\ndefault = \"allow\"\nblock = [\"a.com\"]\n",
+        "[network]\nblock = [\"b.com\"]\n",
+    );
+    assert_eq!(p.decide("a.com", "GET", "/").action, Action::Allow);
+    assert_eq!(p.decide("b.com", "GET", "/").action, Action::Deny);
+}
+
+#[test]
+fn presets() {
+    let high = policy("[network]\npreset = \"high\"\n", "");
+    assert_eq!(
+        high.decide("api.anthropic.com", "POST", "/v1/messages")
+            .action,
+        Action::Allow
+    );
+    assert_eq!(high.decide("pypi.org", "GET", "/").action, Action::Deny);
+    let medium = policy("[network]\npreset = \"medium\"\n", "");
+    assert_eq!(medium.decide("pypi.org", "GET", "/").action, Action::Allow);
+    assert_eq!(
+        medium
+            .decide("raw.githubusercontent.com", "GET", "/")
+            .action,
+        Action::Allow
+    );
+    assert_eq!(
+        medium.decide("example.com", "GET", "/").action,
+        Action::Deny
+    );
+    // The corp preset wins over the user's, and user keys still refine it.
+    let p = policy(
+        "[network]\npreset = \"medium\"\nblock = [\"api.openai.com\"]\n",
+        "[network]\npreset = \"high\"\n",
+    );
+    assert_eq!(p.decide("pypi.org", "GET", "/").action, Action::Deny);
+    assert_eq!(p.decide("api.openai.com", "GET", "/").action, Action::Deny);
+    assert_eq!(
+        p.decide("api.anthropic.com", "GET", "/").action,
+        Action::Allow
+    );
+}
+
+#[test]
+fn bad_files_name_the_problem() {
+    let err = |t: &str| {
+        let s = NetworkSettings::parse(t, "user.toml");
+        match s {
+            Err(e) => e.to_string(),
+            Ok(s) => Policy::layered(&s, &NetworkSettings::default())
+                .unwrap_err()
+                .to_string(),
+        }
+    };
+    assert!(err("[network]\ndefault = \"maybe\"\n").contains("user.toml"));
+    assert!(err("[network]\nallow = [\"foo*.com\"]\n").contains("invalid domain pattern"));
+    assert!(err("[network]\nbogus = 1\n").contains("bogus"));
+    let rule = |m: &str, p: &str| {
+        format!("[[network.rules]]\ndomain = \"a.com\"\nmethod = \"{m}\"\npath = \"{p}\"\naction = \"deny\"\n")
+    };
+    assert!(err(&rule("PO ST", "/x")).contains("invalid method"));
+    assert!(err(&rule("POST", "x")).contains("invalid path pattern"));
+    assert!(err("[network.upstream_override]\n\"a.com\" = \"nohost\"\n").contains("host:port"));
+}
+
+#[test]
+fn load_treats_missing_files_as_empty() {
+    let t = tempfile::tempdir().unwrap();
+    let user = t.path().join("user.toml");
+    std::fs::write(&user, USER).unwrap();
+    let p = Policy::load(&user, &t.path().join("missing-corp.toml")).unwrap();
+    assert_eq!(p.decide("pypi.org", "GET", "/").action, Action::Allow);
+    assert!(p.locked().is_empty());
+}
