@@ -136,10 +136,6 @@ impl Guest {
         Ok(self.mux.open(port).await?)
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.mux.is_closed()
-    }
-
     /// One control request on its own stream.
     pub async fn control(&self, req: &ControlRequest) -> Result<ControlResponse, ChannelError> {
         let mut s = self.open(port::CONTROL).await?;

@@ -37,12 +37,33 @@ pub enum ClientError {
     Decode(String),
 }
 
-impl ClientError {
-    pub fn status(&self) -> Option<StatusCode> {
-        match self {
-            ClientError::Api { status, .. } => Some(*status),
-            _ => None,
+/// An error answered as `{"error": "..."}` with a fitting status: the one error type of every
+/// route, the service's and the per-VM process's.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl HttpError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
         }
+    }
+}
+
+impl axum::response::IntoResponse for HttpError {
+    fn into_response(self) -> axum::response::Response {
+        (
+            self.status,
+            axum::Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -92,10 +113,6 @@ impl UdsClient {
                 idle.push(s);
             }
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     async fn connect(&self) -> Result<Sender, ClientError> {

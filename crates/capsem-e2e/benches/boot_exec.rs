@@ -10,7 +10,6 @@
 //!   in the guest). Added overhead = exec − echo − spawn.
 //! - Boot → exec-ready of `create`, and RSS of QEMU + capsem-process for an idle `--ram 4` session.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
@@ -202,7 +201,6 @@ fn main() {
         rss_proc / 1024,
         (rss_qemu + rss_proc) / 1024
     );
-    let _ = PathBuf::new();
 }
 
 /// Raw QEMU boot of the same kernel + initrd to `/init`, which prints the probe line and powers

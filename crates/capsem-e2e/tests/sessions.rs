@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capsem_e2e::{stderr, stdout, Env};
+use capsem_e2e::{stderr, Env};
 
 #[test]
 fn create_list_exec_info_logs_delete() {
@@ -122,7 +122,6 @@ fn private_files_and_socket() {
         let p = dir.join(f);
         assert_eq!(mode(&p) & 0o077, 0, "{f} is readable by others");
     }
-    let _ = stdout;
 }
 
 #[test]

@@ -135,11 +135,6 @@ impl MuxHandle {
             .map_err(MuxError::Header)?;
         Ok(stream)
     }
-
-    /// True once the driver has stopped.
-    pub fn is_closed(&self) -> bool {
-        self.open_tx.is_closed()
-    }
 }
 
 /// Read the [`StreamOpen`] header of a stream the peer opened.

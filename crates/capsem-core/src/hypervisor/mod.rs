@@ -3,7 +3,6 @@
 //! would add a sibling module and a branch in [`detect`], without touching session logic.
 
 pub mod qemu;
-pub mod qmp;
 
 use std::path::PathBuf;
 

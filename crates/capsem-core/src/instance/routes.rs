@@ -19,11 +19,11 @@ use capsem_proto::terminal::TerminalRequest;
 
 use super::Instance;
 use crate::api::{
-    EchoBenchRequest, EchoBenchResponse, ErrorBody, ExecResponse, FileReadRequest,
-    FileReadResponse, FileWriteRequest,
+    EchoBenchRequest, EchoBenchResponse, ExecResponse, FileReadRequest, FileReadResponse,
+    FileWriteRequest,
 };
 use crate::channel::ChannelError;
-use crate::uds_http::{self, take_upgrade};
+use crate::uds_http::{self, take_upgrade, HttpError};
 
 /// Default exec timeout of the JSON API, as the CLI's `exec`.
 const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 30;
@@ -42,25 +42,17 @@ pub(crate) fn router(inst: Arc<Instance>) -> Router {
         .with_state(inst)
 }
 
-pub(crate) struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
-    }
-}
-
-impl From<ChannelError> for ApiError {
+impl From<ChannelError> for HttpError {
     fn from(e: ChannelError) -> Self {
         let status = match e {
             ChannelError::Guest(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         };
-        ApiError(status, crate::error_chain(&e))
+        HttpError::new(status, crate::error_chain(&e))
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+type ApiResult<T> = Result<Json<T>, HttpError>;
 
 async fn info(State(inst): State<Arc<Instance>>) -> Json<crate::api::VmInfo> {
     Json(inst.info.clone())
@@ -93,12 +85,7 @@ async fn exec(
         inst.guest.exec(&job),
     )
     .await
-    .map_err(|_| {
-        ApiError(
-            StatusCode::GATEWAY_TIMEOUT,
-            "the guest stopped answering".into(),
-        )
-    })??;
+    .map_err(|_| HttpError::new(StatusCode::GATEWAY_TIMEOUT, "the guest stopped answering"))??;
     let exit_code = if out.exit.timed_out {
         124
     } else {
@@ -121,11 +108,8 @@ where
     F: FnOnce(&Instance, T) -> T + Send + 'static,
 {
     let Some(on_upgrade) = take_upgrade(&mut req) else {
-        return ApiError(
-            StatusCode::BAD_REQUEST,
-            "this endpoint needs an upgrade".into(),
-        )
-        .into_response();
+        return HttpError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
+            .into_response();
     };
     tokio::spawn(async move {
         let mut client = match on_upgrade.await {
@@ -178,7 +162,7 @@ async fn read_file(
 ) -> ApiResult<FileReadResponse> {
     let data = inst.guest.read_file(&req.path).await?;
     let content = String::from_utf8(data).map_err(|_| {
-        ApiError(
+        HttpError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "{} is not UTF-8 text; read it with exec (base64) instead",

@@ -32,21 +32,9 @@ const BOOT_LIMIT: Duration = Duration::from_secs(120);
 /// Environment variable forcing the accelerator (`kvm` or `tcg`) instead of probing.
 pub const ACCEL_ENV: &str = "CAPSEM_ACCEL";
 
-/// An error with the HTTP status it maps to at the edge.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct ServiceError {
-    pub status: StatusCode,
-    pub message: String,
-}
+pub use crate::uds_http::HttpError;
 
-impl ServiceError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ServiceError {
-            status,
-            message: message.into(),
-        }
-    }
+impl HttpError {
     fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
@@ -158,7 +146,7 @@ impl Service {
     }
 
     /// The accelerator, probed once (and cached in `run/accel.json` for later service starts).
-    pub async fn accel(&self) -> Result<Accel, ServiceError> {
+    pub async fn accel(&self) -> Result<Accel, HttpError> {
         self.inner
             .accel
             .get_or_try_init(|| async {
@@ -205,35 +193,35 @@ impl Service {
         self.inner.accel.get().copied()
     }
 
-    fn assets(&self) -> Result<crate::image::Assets, ServiceError> {
+    fn assets(&self) -> Result<crate::image::Assets, HttpError> {
         crate::image::load(&self.home().assets_root()).map_err(unavailable)
     }
 
     /// Create and boot a session.
-    pub async fn create(&self, req: CreateRequest) -> Result<SessionInfo, ServiceError> {
+    pub async fn create(&self, req: CreateRequest) -> Result<SessionInfo, HttpError> {
         if let Some(name) = &req.name {
-            names::validate_name(name).map_err(|e| ServiceError::bad(e.to_string()))?;
+            names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
         }
         let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
         let cpus = req.cpus.unwrap_or_else(api::default_cpus);
         if !(128..=api::MAX_RAM_MB).contains(&ram_mb) {
-            return Err(ServiceError::bad(format!(
+            return Err(HttpError::bad(format!(
                 "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"
             )));
         }
         if cpus == 0 || cpus > api::MAX_CPUS {
-            return Err(ServiceError::bad(format!(
+            return Err(HttpError::bad(format!(
                 "invalid CPU count {cpus}: give 1 to {}",
                 api::MAX_CPUS
             )));
         }
         if let Some(k) = req.env.keys().find(|k| !api::valid_env_key(k)) {
-            return Err(ServiceError::bad(format!(
+            return Err(HttpError::bad(format!(
                 "invalid environment variable name {k:?}: use letters, digits and '_'"
             )));
         }
         if req.from.is_some() {
-            return Err(ServiceError::new(
+            return Err(HttpError::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "create --from needs fork images, which this build does not have yet",
             ));
@@ -258,7 +246,7 @@ impl Service {
             let mut map = self.inner.sessions.lock().await;
             if let Some(name) = &record.name {
                 if map.values().any(|e| e.record.name.as_deref() == Some(name)) {
-                    return Err(ServiceError::new(
+                    return Err(HttpError::new(
                         StatusCode::CONFLICT,
                         format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
                     ));
@@ -284,7 +272,7 @@ impl Service {
             spawn::start(self.home(), &id, accel, BOOT_LIMIT)
                 .await
                 .map_err(|e| {
-                    ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
+                    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
                 })
         }
         .await;
@@ -339,7 +327,7 @@ impl Service {
     }
 
     /// Resolve a name, id or unique id prefix.
-    pub async fn resolve(&self, query: &str) -> Result<String, ServiceError> {
+    pub async fn resolve(&self, query: &str) -> Result<String, HttpError> {
         let map = self.inner.sessions.lock().await;
         let pairs: Vec<(&str, Option<&str>)> = map
             .values()
@@ -347,18 +335,18 @@ impl Service {
             .collect();
         match names::resolve(query, pairs.iter().copied()) {
             Lookup::Found(id) => Ok(id.to_string()),
-            Lookup::NotFound => Err(ServiceError::not_found(query)),
-            Lookup::Ambiguous(ids) => Err(ServiceError::bad(format!(
+            Lookup::NotFound => Err(HttpError::not_found(query)),
+            Lookup::Ambiguous(ids) => Err(HttpError::bad(format!(
                 "{query:?} matches several sessions ({}); give more of the id",
                 ids.join(", ")
             ))),
         }
     }
 
-    pub async fn info(&self, query: &str) -> Result<SessionInfo, ServiceError> {
+    pub async fn info(&self, query: &str) -> Result<SessionInfo, HttpError> {
         let id = self.resolve(query).await?;
         let map = self.inner.sessions.lock().await;
-        let e = map.get(&id).ok_or_else(|| ServiceError::not_found(query))?;
+        let e = map.get(&id).ok_or_else(|| HttpError::not_found(query))?;
         Ok(session_info(e))
     }
 
@@ -370,12 +358,12 @@ impl Service {
     }
 
     /// The per-VM API of a running session.
-    pub async fn instance(&self, query: &str) -> Result<(String, UdsClient), ServiceError> {
+    pub async fn instance(&self, query: &str) -> Result<(String, UdsClient), HttpError> {
         let id = self.resolve(query).await?;
         let map = self.inner.sessions.lock().await;
-        let e = map.get(&id).ok_or_else(|| ServiceError::not_found(query))?;
+        let e = map.get(&id).ok_or_else(|| HttpError::not_found(query))?;
         if e.status != Status::Running {
-            return Err(ServiceError::new(
+            return Err(HttpError::new(
                 StatusCode::CONFLICT,
                 format!(
                     "session {} is {}, not running",
@@ -388,15 +376,15 @@ impl Service {
     }
 
     /// Stop the VM and remove the session and its directory.
-    pub async fn delete(&self, query: &str) -> Result<String, ServiceError> {
+    pub async fn delete(&self, query: &str) -> Result<String, HttpError> {
         let id = self.resolve(query).await?;
         let (mut exited, pid) = {
             let mut map = self.inner.sessions.lock().await;
             let e = map
                 .get_mut(&id)
-                .ok_or_else(|| ServiceError::not_found(query))?;
+                .ok_or_else(|| HttpError::not_found(query))?;
             if e.status == Status::Stopping {
-                return Err(ServiceError::new(
+                return Err(HttpError::new(
                     StatusCode::CONFLICT,
                     format!(
                         "session {} is already being deleted",
@@ -455,7 +443,7 @@ impl Service {
         &self,
         query: &str,
         tail: Option<usize>,
-    ) -> Result<api::LogsResponse, ServiceError> {
+    ) -> Result<api::LogsResponse, HttpError> {
         let id = self.resolve(query).await?;
         let dir = self.home().session_dir(&id);
         let read = |f: &str| {
@@ -578,10 +566,10 @@ fn watch_pid(pid: u32) -> watch::Receiver<bool> {
     rx
 }
 
-fn unavailable(e: impl std::error::Error) -> ServiceError {
-    ServiceError::new(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
+fn unavailable(e: impl std::error::Error) -> HttpError {
+    HttpError::new(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
 }
 
-fn internal(e: impl std::error::Error) -> ServiceError {
-    ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
+fn internal(e: impl std::error::Error) -> HttpError {
+    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
 }

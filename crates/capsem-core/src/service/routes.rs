@@ -11,29 +11,17 @@ use axum::{Json, Router};
 use hyper::Method;
 use serde::Deserialize;
 
-use super::{DeleteOnDrop, Service, ServiceError};
+use super::{DeleteOnDrop, HttpError, Service};
 use crate::api::{
-    CreateRequest, DeleteResponse, ErrorBody, ListResponse, PurgeRequest, PurgeResponse,
-    RunRequest, SessionInfo, StatusResponse, StreamKind, VersionResponse, API_VERSION,
+    CreateRequest, DeleteResponse, ListResponse, PurgeRequest, PurgeResponse, RunRequest,
+    SessionInfo, StatusResponse, StreamKind, VersionResponse, API_VERSION,
 };
 use crate::uds_http::{self, take_upgrade, UdsClient};
 
 /// Largest request body accepted (file writes are the big case).
 const BODY_LIMIT: usize = 64 * 1024 * 1024;
 
-impl IntoResponse for ServiceError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                error: self.message,
-            }),
-        )
-            .into_response()
-    }
-}
-
-type ApiResult<T> = Result<Json<T>, ServiceError>;
+type ApiResult<T> = Result<Json<T>, HttpError>;
 
 pub fn router(svc: Service) -> Router {
     Router::new()
@@ -79,27 +67,38 @@ async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
 }
 
 /// Parse a JSON body, answering 400 with the reason when it does not fit.
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
     let body = if body.is_empty() {
         b"{}".as_slice()
     } else {
         body
     };
     serde_json::from_slice(body).map_err(|e| {
-        ServiceError::new(
+        HttpError::new(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {e}"),
         )
     })
 }
 
+/// Run a state-changing call in a task of its own: a client that disconnects must not cancel a
+/// boot or a delete half way (hyper drops the handler's future with the connection).
+async fn detached<T: Send + 'static>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, HttpError>> + Send + 'static,
+) -> Result<T, HttpError> {
+    tokio::spawn(call).await.map_err(|_| {
+        HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} task failed"),
+        )
+    })?
+}
+
 async fn create(State(svc): State<Service>, body: Bytes) -> ApiResult<SessionInfo> {
     let req: CreateRequest = parse(&body)?;
-    // Boot in a task of its own: a client that disconnects mid-boot must not leave a
-    // half-made session behind, and the boot must not be cancelled half way.
-    let task = tokio::spawn(async move { svc.create(req).await });
-    task.await
-        .map_err(|_| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "create task failed"))?
+    detached("create", async move { svc.create(req).await })
+        .await
         .map(Json)
 }
 
@@ -127,19 +126,13 @@ async fn logs(
 }
 
 async fn remove(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<DeleteResponse> {
-    let task = tokio::spawn(async move { svc.delete(&id).await });
-    let id = task.await.map_err(|_| {
-        ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "delete task failed")
-    })??;
+    let id = detached("delete", async move { svc.delete(&id).await }).await?;
     Ok(Json(DeleteResponse { id }))
 }
 
 async fn purge(State(svc): State<Service>, body: Bytes) -> ApiResult<PurgeResponse> {
     let req: PurgeRequest = parse(&body)?;
-    let task = tokio::spawn(async move { svc.purge(req.all).await });
-    let deleted = task
-        .await
-        .map_err(|_| ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "purge task failed"))?;
+    let deleted = detached("purge", async move { Ok(svc.purge(req.all).await) }).await?;
     Ok(Json(PurgeResponse { deleted }))
 }
 
@@ -175,9 +168,7 @@ async fn forward(
             Body::from(bytes),
         )
             .into_response(),
-        Err(e) => {
-            ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response()
-        }
+        Err(e) => HttpError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response(),
     }
 }
 
@@ -193,8 +184,7 @@ async fn splice(
         Ok(io) => io,
         Err(e) => {
             drop(guard);
-            return ServiceError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e))
-                .into_response();
+            return HttpError::new(StatusCode::BAD_GATEWAY, crate::error_chain(&e)).into_response();
         }
     };
     tokio::spawn(async move {
@@ -209,7 +199,7 @@ async fn splice(
 
 async fn stream(State(svc): State<Service>, Path(id): Path<String>, mut req: Request) -> Response {
     let Some(up) = take_upgrade(&mut req) else {
-        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
+        return HttpError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
             .into_response();
     };
     let sub = vm_subpath(req.uri());
@@ -222,12 +212,12 @@ async fn stream(State(svc): State<Service>, Path(id): Path<String>, mut req: Req
 /// `POST /run`: a temporary session that lives exactly as long as the upgraded stream.
 async fn run(State(svc): State<Service>, mut req: Request) -> Response {
     let Some(up) = take_upgrade(&mut req) else {
-        return ServiceError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
+        return HttpError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
             .into_response();
     };
     let body = match axum::body::to_bytes(req.into_body(), BODY_LIMIT).await {
         Ok(b) => b,
-        Err(e) => return ServiceError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => return HttpError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
     let run: RunRequest = match parse(&body) {
         Ok(r) => r,
@@ -254,7 +244,7 @@ async fn run(State(svc): State<Service>, mut req: Request) -> Response {
         Ok(Ok(info)) => info,
         Ok(Err(e)) => return e.into_response(),
         Err(_) => {
-            return ServiceError::new(StatusCode::INTERNAL_SERVER_ERROR, "boot task failed")
+            return HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "boot task failed")
                 .into_response()
         }
     };

@@ -10,15 +10,11 @@ pub async fn run(target: &Target, a: DeleteArgs) -> anyhow::Result<i32> {
         .connect()
         .await?
         .call::<(), _>(
-            hyper_method_delete(),
+            capsem_core::uds_http::Method::DELETE,
             &format!("/vms/{}/delete", super::seg(&a.session)),
             None,
         )
         .await?;
     println!("deleted {}", r.id);
     Ok(0)
-}
-
-fn hyper_method_delete() -> capsem_core::uds_http::Method {
-    capsem_core::uds_http::Method::DELETE
 }
