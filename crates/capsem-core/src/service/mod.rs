@@ -9,6 +9,7 @@
 //!   Running ──process died──▶ Crashed (persistent; kept on disk) or (gone) (ephemeral)
 //! ```
 
+pub mod autostart;
 pub mod routes;
 pub mod spawn;
 
