@@ -69,7 +69,7 @@ fn main() {
     let mut raw = Vec::new();
     let mut ours = Vec::new();
     for _ in 0..runs {
-        raw.push(raw_boot(&qemu_bin, &assets.vmlinuz, &assets.initrd, &accel));
+        raw.push(raw_boot(&qemu_bin, &assets.kernel, &assets.initrd, &accel));
         let t = Instant::now();
         let out = env.cmd(&["run", "true"]).output().unwrap();
         assert!(

@@ -172,6 +172,12 @@ pub fn kernel_cmdline(accel: Accel, extra: &[String]) -> String {
         // jiffies: a 4 ms clock for every timestamp and timer in the guest. TCG derives every
         // vCPU's TSC from the same host clock, so it is reliable.
         c.push("tsc=reliable".to_string());
+        // Emulated CPU time is dear: skip the boot-time self-tests of every crypto algorithm
+        // (a quarter of a second) and the zeroing of every kernel allocation (Debian's
+        // init_on_alloc hardening; a fifth of a second of boot and part of every fork). Both
+        // guard the guest kernel against itself, not the host against the guest.
+        c.push("cryptomgr.notests".to_string());
+        c.push("init_on_alloc=0".to_string());
     }
     c.extend(extra.iter().cloned());
     c.join(" ")

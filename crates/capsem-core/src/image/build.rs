@@ -131,7 +131,18 @@ pub fn build(
         let tree = KernelTree::unpack(&tools, &deb, &opts.cache_dir, &kernel_pkg, progress)?;
         if stale.contains(&Piece::Kernel) {
             let out = staging.fresh(Piece::Kernel)?;
-            fs::copy(tree.vmlinuz(), &out).map_err(io_err("copy the kernel to", &out))?;
+            let bzimage = fs::read(tree.vmlinuz()).map_err(io_err("read", &tree.vmlinuz()))?;
+            let kernel = match super::pvh::vmlinux(&bzimage) {
+                Ok(elf) => {
+                    progress.detail("unpacked to an ELF that boots via PVH");
+                    elf
+                }
+                Err(why) => {
+                    progress.detail(&format!("booting the compressed bzImage: {why}"));
+                    bzimage
+                }
+            };
+            fs::write(&out, kernel).map_err(io_err("write the kernel to", &out))?;
             File::open(&out)
                 .and_then(|f| f.sync_all())
                 .map_err(io_err("sync", &out))?;

@@ -30,6 +30,10 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Bump when the builder makes different output from the same inputs: every piece goes stale.
 pub const BUILDER_FORMAT: u32 = 1;
 
+/// How the kernel piece is made from the package's bzImage (see `pvh.rs`); a change rebuilds
+/// only the kernel and the initrd.
+const KERNEL_FORMAT: &str = "pvh-elf-if-lz4";
+
 /// The contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -187,7 +191,7 @@ impl Piece {
 
     pub(crate) fn file(self) -> &'static str {
         match self {
-            Piece::Kernel => super::VMLINUZ,
+            Piece::Kernel => super::KERNEL,
             Piece::Initrd => super::INITRD,
             Piece::Rootfs => super::ROOTFS,
             Piece::Disk => super::BASE_DISK,
@@ -225,6 +229,7 @@ impl Inputs {
         let kernel = digest(&[
             "kernel",
             &format,
+            KERNEL_FORMAT,
             &kernel.name,
             &kernel.version,
             deb_sha256.unwrap_or("unknown"),

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! <assets_root>/v<VERSION>/
-//!     vmlinuz          kernel of linux-image-cloud-amd64's current package        (kernel.rs)
+//!     kernel           linux-image-cloud-amd64's current kernel, unpacked to an ELF
+//!                      that boots via PVH where possible (kernel.rs, pvh.rs)
 //!     initrd.img       cpio: capsem-agent as /init + the modules it loads         (initrd.rs)
-//!     rootfs.squashfs  mmdebstrap of bookworm minbase + packages, zstd            (rootfs.rs)
+//!     rootfs.squashfs  mmdebstrap of bookworm minbase + packages, lz4             (rootfs.rs)
 //!     disk-base.ext4   16 GiB sparse empty ext4, backing file of session qcow2s   (disk.rs)
 //!     manifest.json    what was built from what, with digests                     (manifest.rs)
 //! <cache_dir>/debs/    downloaded kernel packages; unpacked trees live here only during a build
@@ -24,6 +25,7 @@ mod error;
 mod initrd;
 mod kernel;
 mod manifest;
+pub mod pvh;
 mod rootfs;
 mod tools;
 
@@ -53,7 +55,7 @@ pub use tools::{default_search_path, find_tool, HostTools, HOST_TOOLS};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// File names in the version directory.
-pub const VMLINUZ: &str = "vmlinuz";
+pub const KERNEL: &str = "kernel";
 pub const INITRD: &str = "initrd.img";
 pub const ROOTFS: &str = "rootfs.squashfs";
 pub const BASE_DISK: &str = "disk-base.ext4";
@@ -132,7 +134,7 @@ impl BuildOptions {
 pub struct BuildOutcome {
     /// The assets now in place.
     pub assets: Assets,
-    /// File names of the pieces rebuilt ([`VMLINUZ`], …; `manifest.json` alone when only the
+    /// File names of the pieces rebuilt ([`KERNEL`], …; `manifest.json` alone when only the
     /// manifest was rewritten). Empty = everything was up to date.
     pub rebuilt: Vec<&'static str>,
     /// Wall time of the whole call.
@@ -149,7 +151,7 @@ impl BuildOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assets {
     pub dir: PathBuf,
-    pub vmlinuz: PathBuf,
+    pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub rootfs: PathBuf,
     pub base_disk: PathBuf,
@@ -183,7 +185,7 @@ pub fn load(assets_root: &Path) -> Result<Assets, ImageError> {
             manifest.version
         )));
     }
-    for name in [VMLINUZ, INITRD, ROOTFS, BASE_DISK] {
+    for name in [KERNEL, INITRD, ROOTFS, BASE_DISK] {
         let entry = manifest
             .files
             .get(name)
@@ -204,7 +206,7 @@ pub fn load(assets_root: &Path) -> Result<Assets, ImageError> {
         }
     }
     Ok(Assets {
-        vmlinuz: dir.join(VMLINUZ),
+        kernel: dir.join(KERNEL),
         initrd: dir.join(INITRD),
         rootfs: dir.join(ROOTFS),
         base_disk: dir.join(BASE_DISK),

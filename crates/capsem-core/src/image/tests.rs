@@ -73,12 +73,12 @@ fn manifest_round_trips_through_json() {
     ] {
         assert!(json.get(key).is_some(), "manifest lacks {key}");
     }
-    let vmlinuz = &json["files"][VMLINUZ];
+    let kernel = &json["files"][KERNEL];
     assert_eq!(
-        vmlinuz["sha256"],
-        sha256_file(&version_dir(root.path()).join(VMLINUZ)).unwrap()
+        kernel["sha256"],
+        sha256_file(&version_dir(root.path()).join(KERNEL)).unwrap()
     );
-    assert_eq!(vmlinuz["size"], "contents of vmlinuz".len());
+    assert_eq!(kernel["size"], "contents of kernel".len());
     assert_eq!(json["files"][BASE_DISK]["digest"], "sparse-blocks-sha256");
 }
 
@@ -143,11 +143,11 @@ fn changed_or_missing_files_are_stale_and_touched_ones_are_not() {
     assert_eq!(stale(false), [Piece::Initrd]);
     // Different bytes hidden behind the recorded mtime: only `verify` sees it.
     fs::write(dir.join(INITRD), "contents of initrd.img").unwrap();
-    let recorded = manifest.files[VMLINUZ].mtime_ns;
-    fs::write(dir.join(VMLINUZ), "CONTENTS of vmlinuz").unwrap();
+    let recorded = manifest.files[KERNEL].mtime_ns;
+    fs::write(dir.join(KERNEL), "CONTENTS of kernel").unwrap();
     fs::File::options()
         .write(true)
-        .open(dir.join(VMLINUZ))
+        .open(dir.join(KERNEL))
         .unwrap()
         .set_modified(UNIX_EPOCH + Duration::from_nanos(recorded))
         .unwrap();
@@ -189,17 +189,17 @@ fn load_and_verify_report_damaged_assets() {
     fake_assets(root.path(), &inputs("agent", "6.1.192-2", &packages()));
     let dir = version_dir(root.path());
 
-    fs::write(dir.join(VMLINUZ), "CONTENTS of vmlinuz").unwrap();
+    fs::write(dir.join(KERNEL), "CONTENTS of kernel").unwrap();
     let assets = load(root.path()).unwrap();
     let err = verify(&assets).unwrap_err();
-    assert!(err.to_string().contains("vmlinuz does not match"), "{err}");
+    assert!(err.to_string().contains("kernel does not match"), "{err}");
     assert!(
         err.to_string()
             .ends_with("run `capsem setup` to rebuild them"),
         "{err}"
     );
 
-    fs::write(dir.join(VMLINUZ), "short").unwrap();
+    fs::write(dir.join(KERNEL), "short").unwrap();
     let err = load(root.path()).unwrap_err();
     assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
 
@@ -330,7 +330,7 @@ fn end_to_end_build_then_no_op() {
     let root = tempfile::tempdir().unwrap();
     let opts = options(root.path());
     let first = build(&opts, &NoProgress).unwrap();
-    assert_eq!(first.rebuilt, [VMLINUZ, INITRD, ROOTFS, BASE_DISK]);
+    assert_eq!(first.rebuilt, [KERNEL, INITRD, ROOTFS, BASE_DISK]);
     let assets = &first.assets;
     verify(assets).unwrap();
     assert_eq!(

@@ -92,9 +92,11 @@ where
     let assets = crate::image::load(&cfg.home.assets_root())?;
     let hv = hypervisor::detect(cfg.accel)?;
 
+    tracing::debug!(id = %cfg.id, "instance: starting");
     let disk = dir.join("disk.qcow2");
     if !disk.exists() {
         hv.create_disk(&assets.base_disk, &disk)?;
+        tracing::debug!(id = %cfg.id, "instance: disk created");
     }
     let channel_path = dir.join("channel.sock");
     let listener =
@@ -103,7 +105,7 @@ where
             source,
         })?;
     let spec = VmSpec {
-        kernel: assets.vmlinuz.clone(),
+        kernel: assets.kernel.clone(),
         initrd: assets.initrd.clone(),
         rootfs: assets.rootfs.clone(),
         disk,

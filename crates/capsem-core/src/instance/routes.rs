@@ -127,6 +127,7 @@ where
             }
         };
         let first = rewrite(&inst, first);
+        tracing::debug!(port, "guest stream: request received");
         let mut guest = match inst.guest.open(port).await {
             Ok(s) => s,
             Err(e) => {
@@ -138,6 +139,7 @@ where
             return;
         }
         let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+        tracing::debug!(port, "guest stream: ended");
     });
     uds_http::switching_protocols()
 }

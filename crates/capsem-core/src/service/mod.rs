@@ -172,7 +172,7 @@ impl Service {
                 let kvm = std::path::Path::new("/dev/kvm").exists()
                     && qemu::probe(
                         &qemu,
-                        &assets.vmlinuz,
+                        &assets.kernel,
                         &assets.initrd,
                         Accel::Kvm,
                         Duration::from_millis(2500),
@@ -379,6 +379,7 @@ impl Service {
     /// Stop the VM and remove the session and its directory.
     pub async fn delete(&self, query: &str) -> Result<String, HttpError> {
         let id = self.resolve(query).await?;
+        tracing::debug!(%id, "delete: start");
         let (mut exited, pid) = {
             let mut map = self.inner.sessions.lock().await;
             let e = map
@@ -419,6 +420,7 @@ impl Service {
         let _ = std::fs::remove_dir_all(self.home().session_dir(&id));
         let _ = std::fs::remove_file(self.home().instance_socket(&id));
         self.inner.sessions.lock().await.remove(&id);
+        tracing::debug!(%id, "delete: done");
         Ok(id)
     }
 

@@ -219,6 +219,7 @@ async fn run(State(svc): State<Service>, mut req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return HttpError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
+    tracing::debug!("run: request received");
     let run: RunRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -248,6 +249,7 @@ async fn run(State(svc): State<Service>, mut req: Request) -> Response {
                 .into_response()
         }
     };
+    tracing::debug!(id = %info.id, "run: session ready");
     let guard = DeleteOnDrop::new(svc.clone(), info.id.clone());
     let client = UdsClient::new(svc.home().instance_socket(&info.id));
     let path = match run.stream {
