@@ -22,6 +22,10 @@ use crate::hypervisor::{self, Accel, HypervisorError, VmSpec};
 use crate::paths::Home;
 use crate::record::SessionRecord;
 
+/// Extra guest kernel arguments, for debugging and A/B measurements (e.g. `capsem.trace=1`).
+/// Read by capsem-process, so set it where the service starts.
+pub const KERNEL_ARGS_ENV: &str = "CAPSEM_KERNEL_ARGS";
+
 /// How long QEMU gets to connect its end of the channel after launch.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// How long the guest gets to boot to the ready handshake.
@@ -115,7 +119,9 @@ where
         control_socket: dir.join("qmp.sock"),
         serial_log: dir.join("serial.log"),
         hostname: record.name.clone().unwrap_or_else(|| "capsem".into()),
-        cmdline_extra: vec![],
+        cmdline_extra: std::env::var(KERNEL_ARGS_ENV)
+            .map(|v| v.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
     };
     let started = Instant::now();
     let mut vm = hv.launch(&spec)?;
