@@ -40,6 +40,7 @@ where
         ControlRequest::WriteFile { path, data, mode } => {
             (write_file(&path, &data, mode), Outcome::Done)
         }
+        ControlRequest::TrustCa { pem } => (trust_ca(&pem), Outcome::Done),
         ControlRequest::Shutdown { reboot } => {
             if sync_before_shutdown {
                 crate::power::sync();
@@ -101,4 +102,35 @@ fn write_file(path: &str, data: &[u8], mode: Option<u32>) -> ControlResponse {
         }
     }
     ControlResponse::Done
+}
+
+/// Install `pem` as [`crate::env::CA_FILE`] and append it to the system bundle unless the
+/// bundle already holds it (a resumed or restarted session gets the same request again).
+fn trust_ca(pem: &str) -> ControlResponse {
+    use std::io::Write;
+    let pem = pem.trim_end().to_string() + "\n";
+    if let ControlResponse::Error { message } =
+        write_file(crate::env::CA_FILE, pem.as_bytes(), Some(0o644))
+    {
+        return ControlResponse::Error { message };
+    }
+    let bundle = crate::env::SYSTEM_BUNDLE;
+    let current = std::fs::read_to_string(bundle).unwrap_or_default();
+    if current.contains(pem.trim_end()) {
+        return ControlResponse::Done;
+    }
+    let sep = if current.is_empty() || current.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(bundle)
+        .and_then(|mut f| f.write_all(format!("{sep}{pem}").as_bytes()));
+    match appended {
+        Ok(()) => ControlResponse::Done,
+        Err(e) => error("cannot append the capsem CA to", bundle, e),
+    }
 }

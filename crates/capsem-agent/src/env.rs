@@ -13,7 +13,17 @@ pub const BASE: &[(&str, &str)] = &[
     ("LOGNAME", "root"),
     ("SHELL", "/bin/bash"),
     ("LANG", "C.UTF-8"),
+    // The capsem CA (installed by `ControlRequest::TrustCa`) for clients that do not read
+    // the system bundle.
+    ("SSL_CERT_FILE", SYSTEM_BUNDLE),
+    ("REQUESTS_CA_BUNDLE", SYSTEM_BUNDLE),
+    ("NODE_EXTRA_CA_CERTS", CA_FILE),
 ];
+
+/// Debian's OpenSSL trust bundle; the capsem CA is appended to it.
+pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The capsem CA certificate alone.
+pub const CA_FILE: &str = "/usr/local/share/ca-certificates/capsem-ca.crt";
 
 /// Clear the command's environment, then apply the base and the `extra` variables in order.
 pub fn apply<'a>(

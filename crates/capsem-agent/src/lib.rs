@@ -18,6 +18,7 @@ pub mod env;
 pub mod exec;
 pub mod fdio;
 pub mod framed;
+pub mod net;
 pub mod power;
 pub mod serve;
 pub mod terminal;

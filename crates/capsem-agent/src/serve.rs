@@ -93,6 +93,10 @@ pub fn kernel_release() -> String {
 pub async fn run(port: FdStream, mut boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
     let release = kernel_release();
     let mut first = true;
+    let link = crate::net::HostLink::default();
+    if mode == Mode::Vm {
+        crate::net::start(link.clone());
+    }
     loop {
         channel::wait_host(&port).await.map_err(ServeError::Wait)?;
         console::trace(|| "host connected".into());
@@ -105,7 +109,9 @@ pub async fn run(port: FdStream, mut boot: BootTiming, mode: Mode) -> Result<(),
             kernel_release: release.clone(),
             boot: boot.clone(),
         };
-        match serve_connection(Coalesce::new(port.clone()), ready, mode).await {
+        let conn = serve_connection_linked(Coalesce::new(port.clone()), ready, mode, &link).await;
+        link.set(None);
+        match conn {
             Ok(()) => {}
             Err(ServeError::Refused(reason)) => {
                 console::line(&format!("host refused the agent: {reason}"));
@@ -127,6 +133,20 @@ pub async fn serve_connection<T>(io: T, ready: GuestReady, mode: Mode) -> Result
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve_connection_linked(io, ready, mode, &crate::net::HostLink::default()).await
+}
+
+/// [`serve_connection`], publishing the connection's mux handle on `link` once the host has
+/// accepted the agent (the DNS server and relay open their streams with it).
+pub async fn serve_connection_linked<T>(
+    io: T,
+    ready: GuestReady,
+    mode: Mode,
+    link: &crate::net::HostLink,
+) -> Result<(), ServeError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (handle, mut inbound, mut done) = Mux::start(io, Side::Guest);
     let mut lifecycle = handle
         .open(port::LIFECYCLE)
@@ -141,7 +161,10 @@ where
         .await
         .map_err(ServeError::Handshake)?
     {
-        HostHello::Accepted { .. } => console::trace(|| "HostHello received".into()),
+        HostHello::Accepted { .. } => {
+            console::trace(|| "HostHello received".into());
+            link.set(Some(handle.clone()));
+        }
         HostHello::Refused { reason } => return Err(ServeError::Refused(reason)),
     }
     let b = &ready.boot;

@@ -8,6 +8,7 @@ pub mod hypervisor;
 pub mod image;
 pub mod instance;
 pub mod names;
+pub mod net;
 pub mod paths;
 pub mod policy;
 pub mod record;

@@ -66,6 +66,14 @@ impl Home {
     pub fn service_log(&self) -> PathBuf {
         self.run_dir().join("service.log")
     }
+    /// The per-install CA (`ca.key` 0600, `ca.crt`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+    /// The user's settings (`[network]` policy and others).
+    pub fn user_settings(&self) -> PathBuf {
+        self.root.join("user.toml")
+    }
     pub fn accel_cache(&self) -> PathBuf {
         self.run_dir().join("accel.json")
     }

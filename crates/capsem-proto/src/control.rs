@@ -17,6 +17,9 @@ pub enum ControlRequest {
     },
     /// Sync filesystems and power off (or reboot).
     Shutdown { reboot: bool },
+    /// Trust this PEM certificate (the capsem CA) system-wide: the OpenSSL bundle and the
+    /// variables exec and shell set for Python and Node. Idempotent.
+    TrustCa { pem: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

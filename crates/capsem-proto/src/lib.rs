@@ -16,12 +16,13 @@ pub mod exec;
 pub mod frame;
 pub mod lifecycle;
 pub mod mux;
+pub mod net;
 pub mod terminal;
 
 use serde::{Deserialize, Serialize};
 
 /// Version of the guest protocol. Bump it on any change to a message type.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port that carries the channel.
 pub const CHANNEL_PORT_NAME: &str = "capsem.0";

@@ -5,6 +5,7 @@ use capsem_proto::control::{ControlRequest, ControlResponse};
 use capsem_proto::exec::{Command, ExecEvent, ExecExit, ExecInput, ExecRequest};
 use capsem_proto::frame;
 use capsem_proto::lifecycle::{BootTiming, GuestReady, HostHello};
+use capsem_proto::net::{DnsAnswer, NetOpen};
 use capsem_proto::terminal::{TerminalEvent, TerminalInput, TerminalRequest};
 use capsem_proto::{ExitStatus, StreamOpen, PROTOCOL_VERSION};
 use serde_bytes::ByteBuf;
@@ -19,7 +20,7 @@ fn hex<T: serde::Serialize>(msg: &T) -> String {
 
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(PROTOCOL_VERSION, 2);
 }
 
 #[test]
@@ -53,6 +54,25 @@ fn encodings_are_stable() {
             "03000000 000107",
         ),
         (hex(&ControlResponse::Done), "01000000 02"),
+        (
+            hex(&ControlRequest::TrustCa { pem: "P".into() }),
+            "03000000 040150",
+        ),
+        (
+            hex(&NetOpen::Dns { name: "a.b".into() }),
+            "05000000 0003612e62",
+        ),
+        (
+            hex(&NetOpen::Tcp {
+                port: 443,
+                process: Some("curl".into()),
+            }),
+            "09000000 01bb0301 046375726c",
+        ),
+        (
+            hex(&DnsAnswer::Deny { rule: "x".into() }),
+            "03000000 010178",
+        ),
         (
             hex(&ExecRequest {
                 command: Command::Shell("true".into()),

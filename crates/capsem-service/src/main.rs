@@ -64,6 +64,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         std::process::id().to_string().as_bytes(),
     )?;
 
+    // The CA every session's proxy mints from; made here, once, before any session races to.
+    capsem_core::net::Ca::load_or_create(&home.ca_dir())?;
     let svc = Service::new(home.clone());
     svc.adopt().await;
     // Decide KVM vs TCG now, so the first create does not wait for the probe.

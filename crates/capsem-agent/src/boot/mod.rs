@@ -73,6 +73,8 @@ pub enum BootError {
     },
     #[error("bringing up lo")]
     Loopback(#[source] io::Error),
+    #[error("setting up dummy0 (10.0.0.1), IPv6 off and resolv.conf")]
+    Network(#[source] io::Error),
     #[error("setting the hostname")]
     Hostname(#[source] io::Error),
 }

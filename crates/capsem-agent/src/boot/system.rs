@@ -21,6 +21,7 @@ fn link(target: &str, path: &str) -> Result<(), BootError> {
 /// `lo` up and the hostname (needs no root filesystem).
 pub fn network_and_hostname(hostname: &str) -> Result<(), BootError> {
     loopback_up().map_err(BootError::Loopback)?;
+    air_gap().map_err(BootError::Network)?;
     nix::unistd::sethostname(hostname).map_err(|e| BootError::Hostname(e.into()))?;
     Ok(())
 }
@@ -65,8 +66,62 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// The air gap's addressing: `dummy0` holds 10.0.0.1/32 (the DNS server and the relay listen
+/// there) and nothing else exists — no default route, no IPv6, so every other destination is
+/// unreachable. `/etc/resolv.conf` points at the agent's DNS server.
+fn air_gap() -> io::Result<()> {
+    for f in ["all", "default", "lo"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6"), "1");
+    }
+    let [a, b, c, d] = capsem_proto::net::GUEST_ADDR;
+    set_addr_up(b"dummy0", [a, b, c, d], [255, 255, 255, 255])?;
+    std::fs::write(
+        "/etc/resolv.conf",
+        format!("# written by capsem-agent at boot: the air gap's DNS\nnameserver {a}.{b}.{c}.{d}\noptions timeout:2 attempts:2\n"),
+    )
+}
+
+#[repr(C)]
+struct IfReqAddr {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    addr: libc::sockaddr_in,
+    _pad: [u8; 8],
+}
+
+/// `ip addr add ADDR/MASK dev NAME; ip link set NAME up`, with ioctls.
+fn set_addr_up(name: &[u8], addr: [u8; 4], mask: [u8; 4]) -> io::Result<()> {
+    // SAFETY: a socket we own and close; the ioctls read/write ifreq-shaped structs we own.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: IfReqAddr = std::mem::zeroed();
+        for (i, b) in name.iter().enumerate() {
+            req.name[i] = *b as libc::c_char;
+        }
+        req.addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        req.addr.sin_addr.s_addr = u32::from_ne_bytes(addr);
+        let mut r = libc::ioctl(s, libc::SIOCSIFADDR as _, &req);
+        if r == 0 {
+            req.addr.sin_addr.s_addr = u32::from_ne_bytes(mask);
+            r = libc::ioctl(s, libc::SIOCSIFNETMASK as _, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(s);
+        if r < 0 {
+            return Err(err);
+        }
+    }
+    if_up(name)
+}
+
 /// `ip link set lo up`, with two ioctls.
 fn loopback_up() -> io::Result<()> {
+    if_up(b"lo")
+}
+
+fn if_up(name: &[u8]) -> io::Result<()> {
     // SAFETY: a socket we own and close; the ioctls read/write an ifreq-shaped struct we own.
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -74,7 +129,7 @@ fn loopback_up() -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         let mut req: IfReq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
+        for (i, b) in name.iter().enumerate() {
             req.name[i] = *b as libc::c_char;
         }
         let mut r = libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req);

@@ -49,6 +49,12 @@ pub enum InstanceError {
     Channel(#[from] ChannelError),
     #[error("QEMU exited during boot ({0}); see `capsem logs`")]
     VmExited(String),
+    #[error(transparent)]
+    Ca(#[from] crate::net::CaError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("the guest did not accept the capsem CA: {0}")]
+    TrustCa(String),
 }
 
 pub struct InstanceConfig {
@@ -95,6 +101,10 @@ where
     let record = SessionRecord::load(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))?;
     let assets = crate::image::load(&cfg.home.assets_root())?;
     let hv = hypervisor::detect(cfg.accel)?;
+    let network = Arc::new(crate::net::Network::new(
+        Arc::new(crate::net::Ca::load_or_create(&cfg.home.ca_dir())?),
+        crate::net::PolicySource::for_home(&cfg.home)?,
+    ));
 
     tracing::debug!(id = %cfg.id, "instance: starting");
     let disk = dir.join("disk.qcow2");
@@ -134,6 +144,17 @@ where
             return Err(InstanceError::VmExited(why));
         }
     };
+    let guest = channel.handle();
+    serve_guest_streams(channel.inbound, network.clone());
+    match guest
+        .control(&capsem_proto::control::ControlRequest::TrustCa {
+            pem: network.ca.cert_pem().to_string(),
+        })
+        .await?
+    {
+        capsem_proto::control::ControlResponse::Done => {}
+        other => return Err(InstanceError::TrustCa(format!("{other:?}"))),
+    }
     let boot_wall_ms = started.elapsed().as_millis() as u64;
     let info = VmInfo {
         hypervisor: hv.name().to_string(),
@@ -153,7 +174,7 @@ where
         source,
     })?;
     let inst = Arc::new(Instance {
-        guest: channel.handle(),
+        guest,
         info,
         env: record.env.clone(),
         stop: Notify::new(),
@@ -181,4 +202,25 @@ where
         let _ = vm.child.kill().await;
     }
     Ok(())
+}
+
+/// Hand every stream the guest opens on the network port to the proxy; others are closed.
+fn serve_guest_streams(
+    mut inbound: tokio::sync::mpsc::Receiver<yamux::Stream>,
+    network: Arc<crate::net::Network>,
+) {
+    tokio::spawn(async move {
+        while let Some(stream) = inbound.recv().await {
+            let network = network.clone();
+            tokio::spawn(async move {
+                match capsem_proto::mux::accept(stream).await {
+                    Ok(inb) if inb.port == capsem_proto::port::MITM => {
+                        network.handle(inb.stream).await
+                    }
+                    Ok(inb) => tracing::warn!(port = inb.port, "guest opened an unknown port"),
+                    Err(e) => tracing::debug!(error = %e, "guest stream without a header"),
+                }
+            });
+        }
+    });
 }

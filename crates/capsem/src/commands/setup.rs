@@ -50,6 +50,7 @@ async fn build(target: &Target, force: bool, agent: Option<PathBuf>) -> anyhow::
                 .with_context(|| format!("cannot make {} private", tree.display()))?;
         }
     }
+    capsem_core::net::Ca::load_or_create(&home.ca_dir()).context("cannot create the capsem CA")?;
     if outcome.rebuilt.is_empty() {
         println!("guest image up to date in {}", outcome.assets.dir.display());
     } else {

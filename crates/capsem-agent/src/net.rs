@@ -1,0 +1,148 @@
+//! The guest side of the air gap: a DNS server and a TCP relay on `10.0.0.1`, both of which can
+//! only reach the host over the channel (port 5002). Boot gives the guest no route anywhere
+//! (`boot::system`), so these two are its only way out:
+//!
+//! ```text
+//!   resolver ──UDP :53──▶ dns ──NetOpen::Dns──▶ host policy ──▶ A 10.0.0.1 | NXDOMAIN
+//!   client ──TCP :443/:80──▶ relay ──NetOpen::Tcp + raw bytes──▶ host MITM proxy
+//! ```
+//!
+//! Both start once and use whichever host connection is current ([`HostLink`]), so they keep
+//! working across a host reconnect.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use capsem_proto::frame;
+use capsem_proto::mux::MuxHandle;
+use capsem_proto::net::{DnsAnswer, NetOpen, GUEST_ADDR, RELAY_PORTS};
+use capsem_proto::port;
+use simple_dns::rdata::{RData, A};
+use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, QTYPE, RCODE, TYPE};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// TTL of the answers: short, so that a policy edit reaches a running session at once.
+const TTL: u32 = 5;
+
+/// The current host connection's mux handle (none while the host is away).
+#[derive(Clone, Default)]
+pub struct HostLink(Arc<Mutex<Option<MuxHandle>>>);
+
+impl HostLink {
+    pub fn set(&self, h: Option<MuxHandle>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = h;
+    }
+
+    fn get(&self) -> Option<MuxHandle> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Bind the DNS server and the relay ports and serve them for the life of the agent.
+/// Binding failures (no `10.0.0.1`, e.g. a standalone agent) are reported and skipped.
+pub fn start(link: HostLink) {
+    let addr = Ipv4Addr::from(GUEST_ADDR);
+    let l = link.clone();
+    tokio::spawn(async move {
+        match UdpSocket::bind(SocketAddr::from((addr, 53))).await {
+            Ok(sock) => dns_server(Arc::new(sock), l).await,
+            Err(e) => crate::console::line(&format!("dns: cannot bind {addr}:53: {e}")),
+        }
+    });
+    for p in RELAY_PORTS {
+        let l = link.clone();
+        tokio::spawn(async move {
+            match TcpListener::bind(SocketAddr::from((addr, p))).await {
+                Ok(listener) => relay(listener, p, l).await,
+                Err(e) => crate::console::line(&format!("relay: cannot bind {addr}:{p}: {e}")),
+            }
+        });
+    }
+}
+
+async fn dns_server(sock: Arc<UdpSocket>, link: HostLink) {
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let (sock, link) = (sock.clone(), link.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = answer(&query, &link).await {
+                let _ = sock.send_to(&reply, peer).await;
+            }
+        });
+    }
+}
+
+/// Ask the host whether `name` may resolve; any failure counts as a denial.
+async fn ask_host(link: &HostLink, name: &str) -> bool {
+    let Some(h) = link.get() else { return false };
+    let Ok(mut s) = h.open(port::MITM).await else {
+        return false;
+    };
+    let open = NetOpen::Dns {
+        name: name.to_string(),
+    };
+    if frame::write_frame(&mut s, &open).await.is_err() {
+        return false;
+    }
+    matches!(
+        frame::read_frame::<_, DnsAnswer>(&mut s).await,
+        Ok(Some(DnsAnswer::Allow))
+    )
+}
+
+/// The reply to one DNS query: A 10.0.0.1 for an allowed name, an empty answer for other
+/// record types of an allowed name, NXDOMAIN otherwise. `None` for packets that are not queries.
+async fn answer(query: &[u8], link: &HostLink) -> Option<Vec<u8>> {
+    let q = Packet::parse(query).ok()?;
+    let question = q.questions.first()?.clone();
+    let name = question.qname.to_string();
+    let mut reply = q.clone().into_reply();
+    reply.set_flags(PacketFlag::RECURSION_AVAILABLE);
+    if ask_host(link, &name).await {
+        if question.qtype == QTYPE::TYPE(TYPE::A) {
+            reply.answers.push(ResourceRecord::new(
+                question.qname.clone(),
+                CLASS::IN,
+                TTL,
+                RData::A(A {
+                    address: u32::from(Ipv4Addr::from(GUEST_ADDR)),
+                }),
+            ));
+        }
+    } else {
+        *reply.rcode_mut() = RCODE::NameError;
+    }
+    reply.build_bytes_vec().ok()
+}
+
+async fn relay(listener: TcpListener, p: u16, link: HostLink) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let link = link.clone();
+        tokio::spawn(async move { relay_one(conn, p, link).await });
+    }
+}
+
+async fn relay_one(mut conn: TcpStream, p: u16, link: HostLink) {
+    let _ = conn.set_nodelay(true);
+    let Some(h) = link.get() else { return };
+    let Ok(mut up) = h.open(port::MITM).await else {
+        return;
+    };
+    let open = NetOpen::Tcp {
+        port: p,
+        process: None,
+    };
+    if frame::write_frame(&mut up, &open).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+    let _ = conn.shutdown().await;
+}

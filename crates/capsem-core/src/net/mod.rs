@@ -1,0 +1,168 @@
+//! The host side of the air gap, run by each `capsem-process`: answers the guest's DNS
+//! questions from the policy and terminates every relayed TCP connection in a MITM proxy that
+//! judges each HTTP request before anything leaves the host.
+//!
+//! ```text
+//!   guest stream (port 5002) ─▶ NetOpen::Dns ─▶ policy.decide_domain ─▶ DnsAnswer
+//!                            └▶ NetOpen::Tcp 443 ─▶ TLS (leaf minted for the SNI) ─▶ HTTP/1.1
+//!                            └▶ NetOpen::Tcp 80  ─▶ HTTP/1.1 (judged by Host; CONNECT → TLS)
+//!   each request ─▶ Host == SNI? ─▶ policy.decide ─▶ 403 naming the rule
+//!                                               └▶ upstream (TLS, system roots + extra CA)
+//! ```
+//!
+//! Policy files are re-read when they change ([`PolicySource`]), so an edit reaches running
+//! sessions without a restart.
+
+pub mod ca;
+mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use capsem_proto::frame;
+use capsem_proto::net::{DnsAnswer, NetOpen};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::policy::{Policy, PolicyError};
+
+pub use ca::{Ca, CaError};
+
+/// Environment variable naming the corp lockdown file (default [`crate::policy::CORP_FILE`]);
+/// tests point it at a temporary file.
+pub const CORP_FILE_ENV: &str = "CAPSEM_CORP_FILE";
+
+/// The user and corp settings files, re-read when either changes on disk.
+pub struct PolicySource {
+    user: PathBuf,
+    corp: PathBuf,
+    current: Mutex<(Option<Stamp>, Arc<Policy>)>,
+}
+
+type Stamp = (Option<SystemTime>, Option<SystemTime>, u64, u64);
+
+fn stamp(user: &Path, corp: &Path) -> Stamp {
+    let m = |p: &Path| std::fs::metadata(p).ok();
+    let (u, c) = (m(user), m(corp));
+    (
+        u.as_ref().and_then(|m| m.modified().ok()),
+        c.as_ref().and_then(|m| m.modified().ok()),
+        u.map(|m| m.len()).unwrap_or(0),
+        c.map(|m| m.len()).unwrap_or(0),
+    )
+}
+
+impl PolicySource {
+    /// `<CAPSEM_HOME>/user.toml` and the corp file (`$CAPSEM_CORP_FILE` or `/etc/capsem/corp.toml`).
+    pub fn for_home(home: &crate::paths::Home) -> Result<PolicySource, PolicyError> {
+        let corp = std::env::var_os(CORP_FILE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(crate::policy::CORP_FILE));
+        PolicySource::new(home.user_settings(), corp)
+    }
+
+    pub fn new(user: PathBuf, corp: PathBuf) -> Result<PolicySource, PolicyError> {
+        let s = stamp(&user, &corp);
+        let policy = Policy::load(&user, &corp)?;
+        Ok(PolicySource {
+            user,
+            corp,
+            current: Mutex::new((Some(s), Arc::new(policy))),
+        })
+    }
+
+    /// The policy as the files say now. A file that became invalid keeps the last good policy
+    /// (and says so in the log) rather than opening or closing everything.
+    pub fn current(&self) -> Arc<Policy> {
+        let now = stamp(&self.user, &self.corp);
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.0.as_ref() != Some(&now) {
+            match Policy::load(&self.user, &self.corp) {
+                Ok(p) => {
+                    tracing::info!("policy reloaded");
+                    *cur = (Some(now), Arc::new(p));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "policy not reloaded; keeping the previous one");
+                    cur.0 = Some(now);
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+/// Everything a session's network needs; shared by all its streams.
+pub struct Network {
+    pub ca: Arc<Ca>,
+    pub policy: PolicySource,
+    native_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl Network {
+    pub fn new(ca: Arc<Ca>, policy: PolicySource) -> Network {
+        let native = rustls_native_certs::load_native_certs();
+        if native.certs.is_empty() {
+            tracing::warn!("no system root certificates found; only the extra CA bundle will be trusted upstream");
+        }
+        Network {
+            ca,
+            policy,
+            native_roots: native.certs,
+        }
+    }
+
+    /// Serve one guest stream on the network port.
+    pub async fn handle<S>(self: Arc<Self>, mut stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let open: NetOpen = match frame::expect_frame(&mut stream, "the network request").await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(error = %e, "network stream without a request");
+                return;
+            }
+        };
+        match open {
+            NetOpen::Dns { name } => {
+                let d = self.policy.current().decide_domain(&name);
+                tracing::info!(domain = %name, decision = d.action.as_str(), rule = %d.rule, "dns");
+                let answer = match d.action {
+                    crate::policy::Action::Allow => DnsAnswer::Allow,
+                    crate::policy::Action::Deny => DnsAnswer::Deny { rule: d.rule },
+                };
+                let _ = frame::write_frame(&mut stream, &answer).await;
+            }
+            NetOpen::Tcp { port, process } => {
+                proxy::serve(self, stream, port, process).await;
+            }
+        }
+    }
+
+    /// The TLS client configuration for upstream connections: system roots plus the policy's
+    /// extra CA bundle. Certificate errors upstream are failures; nothing is ever skipped.
+    fn upstream_tls(&self, policy: &Policy) -> Result<Arc<rustls::ClientConfig>, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(self.native_roots.iter().cloned());
+        if let Some(bundle) = policy.extra_ca_bundle() {
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(bundle).map_err(|e| {
+                format!("cannot read the extra CA bundle {}: {e}", bundle.display())
+            })?;
+            for c in certs.flatten() {
+                let _ = roots.add(c);
+            }
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}

@@ -1,0 +1,420 @@
+//! The MITM proxy for one relayed connection: TLS termination with a leaf minted for the
+//! client's SNI, an HTTP/1.1 server towards the guest, a policy decision per request, and a
+//! streaming HTTP/1.1 client towards the real upstream (or its `[network.upstream_override]`).
+//! Bodies stream both ways without buffering; upgrades (WebSocket) are spliced once both sides
+//! agreed; a guest connection keeps one upstream connection alive across its requests.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Mutex;
+
+use super::{Ca, Network};
+use crate::policy::Action;
+
+/// Any byte stream the proxy serves (guest streams, TLS on top of them, CONNECT tunnels).
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type BoxIo = Box<dyn Io>;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+pub(super) async fn serve<S>(net: Arc<Network>, stream: S, port: u16, process: Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io: BoxIo = Box::new(stream);
+    match port {
+        443 => tls(net, io, None).await,
+        80 => serve_http(net, io, None, process).await,
+        other => tracing::warn!(
+            port = other,
+            "relayed connection to a port that is not proxied"
+        ),
+    }
+}
+
+/// Picks (mints) the certificate for the SNI the client sent.
+#[derive(Debug)]
+struct Minting(Arc<Ca>);
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca")
+    }
+}
+
+impl ResolvesServerCert for Minting {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?;
+        match self.0.leaf(name) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot mint a certificate");
+                None
+            }
+        }
+    }
+}
+
+/// Terminate TLS on `io`, then serve HTTP on it. `expected` is the host a CONNECT named: the
+/// SNI must match it.
+fn tls(
+    net: Arc<Network>,
+    io: BoxIo,
+    expected: Option<String>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_no_client_auth()
+                .with_cert_resolver(Arc::new(Minting(net.ca.clone())))
+        });
+        let mut cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "TLS server configuration failed");
+                return;
+            }
+        };
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let stream = match acceptor.accept(io).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(error = %e, "guest TLS handshake failed");
+                return;
+            }
+        };
+        let Some(sni) = stream.get_ref().1.server_name().map(str::to_string) else {
+            return;
+        };
+        let sni = match expected {
+            Some(host) if !host.eq_ignore_ascii_case(&sni) => {
+                // Judged per request below: every request on it is refused.
+                format!("{sni}\u{0}{host}")
+            }
+            _ => sni,
+        };
+        serve_http(net, Box::new(stream), Some(sni), None).await;
+    })
+}
+
+/// Per guest connection: what every request on it shares.
+struct Conn {
+    net: Arc<Network>,
+    /// The TLS server name, when the connection is TLS.
+    sni: Option<String>,
+    process: Option<String>,
+    upstream: Mutex<Option<(String, SendRequest<Incoming>)>>,
+}
+
+async fn serve_http(net: Arc<Network>, io: BoxIo, sni: Option<String>, process: Option<String>) {
+    let conn = Arc::new(Conn {
+        net,
+        sni,
+        process,
+        upstream: Mutex::new(None),
+    });
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.request(req).await) }
+    });
+    let r = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "guest HTTP connection ended");
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// `host[:port]` → `host`, lower-cased.
+fn host_only(authority: &str) -> String {
+    let h = if let Some(rest) = authority.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(authority)
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl Conn {
+    async fn request(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        if method == Method::CONNECT {
+            return self.connect(req).await;
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_only)
+            .or_else(|| req.uri().host().map(host_only));
+        let Some(host) = host else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "capsem: request without a Host header\n".into(),
+            );
+        };
+        let scheme = if self.sni.is_some() { "https" } else { "http" };
+        if let Some(sni) = &self.sni {
+            let (sni_name, connect_host) = match sni.split_once('\u{0}') {
+                Some((s, c)) => (s, Some(c)),
+                None => (sni.as_str(), None),
+            };
+            if let Some(c) = connect_host {
+                let rule = format!("TLS server name {sni_name} differs from the CONNECT host {c}");
+                self.log(&host, &method, &path, Action::Deny, &rule, 403);
+                return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
+            }
+            if !host.eq_ignore_ascii_case(sni_name) {
+                let rule = format!(
+                    "Host {host} differs from the TLS server name {sni_name} (domain fronting)"
+                );
+                self.log(&host, &method, &path, Action::Deny, &rule, 403);
+                return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
+            }
+        }
+        let policy = self.net.policy.current();
+        let d = policy.decide(&host, method.as_str(), req.uri().path());
+        if d.action == Action::Deny {
+            self.log(&host, &method, &path, Action::Deny, &d.rule, 403);
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "capsem: {method} {scheme}://{host}{path} is blocked by the policy rule \"{}\"\n",
+                    d.rule
+                ),
+            );
+        }
+        let target = policy
+            .upstream_for(&host)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 }));
+        let tls = if self.sni.is_some() {
+            match self.net.upstream_tls(&policy) {
+                Ok(c) => Some(c),
+                Err(e) => return text(StatusCode::BAD_GATEWAY, format!("capsem: {e}\n")),
+            }
+        } else {
+            None
+        };
+        drop(policy);
+
+        let guest_upgrade = req
+            .headers()
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let mut slot = self.upstream.lock().await;
+        let reuse = match slot.take() {
+            Some((h, mut s)) if h == host => s.ready().await.is_ok().then_some(s),
+            _ => None,
+        };
+        let mut sender = match reuse {
+            Some(s) => s,
+            None => match connect_upstream(&host, &target, tls).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("capsem: cannot reach {host} ({target}): {e}\n"),
+                    );
+                }
+            },
+        };
+        let mut resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("capsem: upstream {host} failed: {e}\n"),
+                );
+            }
+        };
+        self.log(
+            &host,
+            &method,
+            &path,
+            Action::Allow,
+            &d.rule,
+            resp.status().as_u16(),
+        );
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(guest_up) = guest_upgrade {
+                let upstream_up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(g), Ok(u)) = (guest_up.await, upstream_up.await) {
+                        let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+                    }
+                });
+            }
+        } else {
+            *slot = Some((host, sender));
+        }
+        resp.map(|b| b.boxed())
+    }
+
+    /// `CONNECT host:443` from an `HTTPS_PROXY` client: judged by its host, then a TLS MITM on
+    /// the tunnel whose SNI must name the same host.
+    async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let authority = req.uri().authority().map(|a| a.as_str().to_string());
+        let Some(authority) = authority else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "capsem: CONNECT without host:port\n".into(),
+            );
+        };
+        let host = host_only(&authority);
+        let port = req.uri().port_u16().unwrap_or(443);
+        if port != 443 {
+            let rule = format!("CONNECT is only proxied to port 443, not {port}");
+            self.log(
+                &host,
+                &Method::CONNECT,
+                &authority,
+                Action::Deny,
+                &rule,
+                403,
+            );
+            return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
+        }
+        let d = self.net.policy.current().decide_domain(&host);
+        if d.action == Action::Deny {
+            self.log(
+                &host,
+                &Method::CONNECT,
+                &authority,
+                Action::Deny,
+                &d.rule,
+                403,
+            );
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "capsem: CONNECT {authority} is blocked by the policy rule \"{}\"\n",
+                    d.rule
+                ),
+            );
+        }
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(up) => tls(net, Box::new(TokioIo::new(up)), Some(host)).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    }
+
+    fn log(
+        &self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        action: Action,
+        rule: &str,
+        status: u16,
+    ) {
+        tracing::info!(
+            domain = host,
+            method = %method,
+            path,
+            decision = action.as_str(),
+            rule,
+            status,
+            process = self.process.as_deref().unwrap_or(""),
+            "http"
+        );
+    }
+}
+
+async fn connect_upstream(
+    host: &str,
+    target: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<SendRequest<Incoming>, String> {
+    let tcp = tokio::time::timeout(CONNECT_LIMIT, tokio::net::TcpStream::connect(target))
+        .await
+        .map_err(|_| format!("no connection within {CONNECT_LIMIT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let io: BoxIo = match tls {
+        Some(cfg) => {
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| e.to_string())?;
+            let s = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            Box::new(s)
+        }
+        None => Box::new(tcp),
+    };
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_only;
+
+    #[test]
+    fn host_header_forms() {
+        assert_eq!(host_only("Example.COM:8443"), "example.com");
+        assert_eq!(host_only("example.com."), "example.com");
+        assert_eq!(host_only("[::1]:443"), "::1");
+        assert_eq!(host_only("a.b"), "a.b");
+    }
+}
