@@ -83,6 +83,9 @@ pub struct SessionInfo {
     pub env_keys: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmInfo>,
+    /// The session's record (requests, DNS, model calls); only in `info`, not in `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<crate::telemetry::Summary>,
 }
 
 /// What the per-VM process knows about its VM.

@@ -13,6 +13,7 @@ pub mod paths;
 pub mod policy;
 pub mod record;
 pub mod service;
+pub mod telemetry;
 pub mod uds_http;
 
 /// Render an error and its sources as one line: `outer: cause: root cause`.

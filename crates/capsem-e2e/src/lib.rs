@@ -5,6 +5,8 @@
 //! With `CAPSEM_E2E=1` (CI) a missing image or QEMU fails the test; without it the tests are
 //! skipped with a note, so `cargo test` works on a machine that has not built an image.
 
+pub mod upstream;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -97,11 +99,28 @@ impl Env {
         self.home.path()
     }
 
+    /// The corp lockdown file this home's service reads (absent until a test writes it).
+    pub fn corp_file(&self) -> PathBuf {
+        self.home.path().join("corp.toml")
+    }
+
+    /// Write `user.toml` (0600), as a user editing their settings would.
+    pub fn write_settings(&self, text: &str) {
+        write_private(&self.home.path().join("user.toml"), text);
+    }
+
+    /// Write the corp lockdown file.
+    pub fn write_corp(&self, text: &str) {
+        write_private(&self.corp_file(), text);
+    }
+
     /// A `capsem` command with this home.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(self.bin.join("capsem"));
         c.args(args)
             .env("CAPSEM_HOME", self.home.path())
+            // Never the host's /etc/capsem/corp.toml: a test writes its own with `corp_file`.
+            .env("CAPSEM_CORP_FILE", self.corp_file())
             .env_remove("CAPSEM_UDS_PATH")
             .stdin(Stdio::null());
         c
@@ -227,4 +246,18 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Replace `path` with `text`, mode 0600, and make sure its mtime moves even within the
+/// filesystem's timestamp granularity (policy reload keys on mtime and size).
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let before = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if let Some(b) = before {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        let now = std::time::SystemTime::now().max(b + Duration::from_millis(10));
+        f.set_modified(now).unwrap();
+    }
 }

@@ -20,6 +20,7 @@ pub const SUITE: &str = "bookworm";
 pub const DEFAULT_PACKAGES: &[&str] = &[
     "python3",
     "python3-pip",
+    "python3-requests",
     "git",
     "curl",
     "ca-certificates",
@@ -28,6 +29,7 @@ pub const DEFAULT_PACKAGES: &[&str] = &[
     "npm",
     "bash",
     "iproute2",
+    "iputils-ping",
     "less",
 ];
 

@@ -53,6 +53,8 @@ pub enum InstanceError {
     Ca(#[from] crate::net::CaError),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("the guest did not accept the capsem CA: {0}")]
     TrustCa(String),
 }
@@ -104,6 +106,9 @@ where
     let network = Arc::new(crate::net::Network::new(
         Arc::new(crate::net::Ca::load_or_create(&cfg.home.ca_dir())?),
         crate::net::PolicySource::for_home(&cfg.home)?,
+        Some(crate::telemetry::Recorder::open(
+            &dir.join(crate::telemetry::DB_FILE),
+        )?),
     ));
 
     tracing::debug!(id = %cfg.id, "instance: starting");

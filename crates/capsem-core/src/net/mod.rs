@@ -97,11 +97,17 @@ impl PolicySource {
 pub struct Network {
     pub ca: Arc<Ca>,
     pub policy: PolicySource,
+    /// Where requests, DNS answers and model calls are recorded (none in some tests).
+    pub recorder: Option<crate::telemetry::Recorder>,
     native_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 impl Network {
-    pub fn new(ca: Arc<Ca>, policy: PolicySource) -> Network {
+    pub fn new(
+        ca: Arc<Ca>,
+        policy: PolicySource,
+        recorder: Option<crate::telemetry::Recorder>,
+    ) -> Network {
         let native = rustls_native_certs::load_native_certs();
         if native.certs.is_empty() {
             tracing::warn!("no system root certificates found; only the extra CA bundle will be trusted upstream");
@@ -109,6 +115,7 @@ impl Network {
         Network {
             ca,
             policy,
+            recorder,
             native_roots: native.certs,
         }
     }
@@ -129,6 +136,11 @@ impl Network {
             NetOpen::Dns { name } => {
                 let d = self.policy.current().decide_domain(&name);
                 tracing::info!(domain = %name, decision = d.action.as_str(), rule = %d.rule, "dns");
+                self.record(crate::telemetry::Event::Dns(crate::telemetry::DnsEvent {
+                    name: name.trim_end_matches('.').to_ascii_lowercase(),
+                    decision: d.action.as_str().to_string(),
+                    rule: d.rule.clone(),
+                }));
                 let answer = match d.action {
                     crate::policy::Action::Allow => DnsAnswer::Allow,
                     crate::policy::Action::Deny => DnsAnswer::Deny { rule: d.rule },
@@ -138,6 +150,12 @@ impl Network {
             NetOpen::Tcp { port, process } => {
                 proxy::serve(self, stream, port, process).await;
             }
+        }
+    }
+
+    pub(crate) fn record(&self, ev: crate::telemetry::Event) {
+        if let Some(r) = &self.recorder {
+            r.record(ev);
         }
     }
 

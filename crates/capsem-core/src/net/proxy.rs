@@ -7,8 +7,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -23,6 +25,8 @@ use tokio::sync::Mutex;
 
 use super::{Ca, Network};
 use crate::policy::Action;
+use crate::telemetry::models::{self, Api};
+use crate::telemetry::{Event, ModelCall, NetEvent};
 
 /// Any byte stream the proxy serves (guest streams, TLS on top of them, CONNECT tunnels).
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -32,6 +36,8 @@ type BoxIo = Box<dyn Io>;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// At most this much of a model API response is kept for reading its usage.
+const MODEL_BODY_LIMIT: usize = 16 << 20;
 
 pub(super) async fn serve<S>(net: Arc<Network>, stream: S, port: u16, process: Option<String>)
 where
@@ -123,15 +129,18 @@ struct Conn {
     /// The TLS server name, when the connection is TLS.
     sni: Option<String>,
     process: Option<String>,
-    upstream: Mutex<Option<(String, SendRequest<Incoming>)>>,
+    upstream: Mutex<Option<(String, SendRequest<Body>)>>,
+    port: u16,
 }
 
 async fn serve_http(net: Arc<Network>, io: BoxIo, sni: Option<String>, process: Option<String>) {
+    let port = if sni.is_some() { 443 } else { 80 };
     let conn = Arc::new(Conn {
         net,
         sni,
         process,
         upstream: Mutex::new(None),
+        port,
     });
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -175,6 +184,7 @@ fn host_only(authority: &str) -> String {
 
 impl Conn {
     async fn request(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
         let method = req.method().clone();
         let path = req
             .uri()
@@ -231,6 +241,11 @@ impl Conn {
             .upstream_for(&host)
             .map(str::to_string)
             .unwrap_or_else(|| format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 }));
+        let api = models::recognize(&host, method.as_str(), &path);
+        if api.is_some() {
+            // Read usage from plain bytes: ask the upstream not to compress.
+            req.headers_mut().remove(header::ACCEPT_ENCODING);
+        }
         let tls = if self.sni.is_some() {
             match self.net.upstream_tls(&policy) {
                 Ok(c) => Some(c),
@@ -263,6 +278,14 @@ impl Conn {
                 }
             },
         };
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let req = req.map(|b| {
+            Counted {
+                inner: b,
+                n: bytes_up.clone(),
+            }
+            .boxed()
+        });
         let mut resp = match sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -273,14 +296,8 @@ impl Conn {
                 );
             }
         };
-        self.log(
-            &host,
-            &method,
-            &path,
-            Action::Allow,
-            &d.rule,
-            resp.status().as_u16(),
-        );
+        let status = resp.status().as_u16();
+        self.log(&host, &method, &path, Action::Allow, &d.rule, status);
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(guest_up) = guest_upgrade {
                 let upstream_up = hyper::upgrade::on(&mut resp);
@@ -292,9 +309,40 @@ impl Conn {
                 });
             }
         } else {
-            *slot = Some((host, sender));
+            *slot = Some((host.clone(), sender));
         }
-        resp.map(|b| b.boxed())
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let event = NetEvent {
+            domain: host,
+            port: self.port,
+            method: method.to_string(),
+            path: path.clone(),
+            status: Some(status),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration: Duration::ZERO,
+            decision: Action::Allow.as_str().to_string(),
+            rule: d.rule,
+            process: self.process.clone(),
+        };
+        let tap = Tap {
+            ctx: Some(TapCtx {
+                net: self.net.clone(),
+                event,
+                started,
+                bytes_up,
+                api,
+                content_type,
+            }),
+            bytes: 0,
+            buf: api.map(|_| Vec::new()),
+        };
+        resp.map(|b| Tapped { inner: b, tap }.boxed())
     }
 
     /// `CONNECT host:443` from an `HTTPS_PROXY` client: judged by its host, then a TLS MITM on
@@ -362,6 +410,22 @@ impl Conn {
         rule: &str,
         status: u16,
     ) {
+        // Allowed requests are recorded when their response ends (with their byte counts).
+        if action == Action::Deny || status == 502 {
+            self.net.record(Event::Net(NetEvent {
+                domain: host.to_string(),
+                port: self.port,
+                method: method.to_string(),
+                path: path.to_string(),
+                status: Some(status),
+                bytes_up: 0,
+                bytes_down: 0,
+                duration: Duration::ZERO,
+                decision: action.as_str().to_string(),
+                rule: rule.to_string(),
+                process: self.process.clone(),
+            }));
+        }
         tracing::info!(
             domain = host,
             method = %method,
@@ -379,7 +443,7 @@ async fn connect_upstream(
     host: &str,
     target: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<SendRequest<Incoming>, String> {
+) -> Result<SendRequest<Body>, String> {
     let tcp = tokio::time::timeout(CONNECT_LIMIT, tokio::net::TcpStream::connect(target))
         .await
         .map_err(|_| format!("no connection within {CONNECT_LIMIT:?}"))?
@@ -404,6 +468,149 @@ async fn connect_upstream(
         let _ = conn.with_upgrades().await;
     });
     Ok(sender)
+}
+
+/// A request body that counts the bytes it passes.
+struct Counted<B> {
+    inner: B,
+    n: Arc<AtomicU64>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What a response needs to record itself when it ends.
+struct TapCtx {
+    net: Arc<Network>,
+    event: NetEvent,
+    started: Instant,
+    bytes_up: Arc<AtomicU64>,
+    api: Option<Api>,
+    content_type: String,
+}
+
+struct Tap {
+    ctx: Option<TapCtx>,
+    bytes: u64,
+    /// The body so far, for model APIs (up to [`MODEL_BODY_LIMIT`]).
+    buf: Option<Vec<u8>>,
+}
+
+impl Tap {
+    fn data(&mut self, d: &[u8]) {
+        self.bytes += d.len() as u64;
+        if let Some(buf) = &mut self.buf {
+            if buf.len() + d.len() <= MODEL_BODY_LIMIT {
+                buf.extend_from_slice(d);
+            } else {
+                self.buf = None;
+            }
+        }
+    }
+
+    /// Record the request (and the model call in it) once, at the end of the body or when the
+    /// guest went away first.
+    fn finish(&mut self) {
+        let Some(mut ctx) = self.ctx.take() else {
+            return;
+        };
+        let duration = ctx.started.elapsed();
+        ctx.event.bytes_up = ctx.bytes_up.load(Ordering::Relaxed);
+        ctx.event.bytes_down = self.bytes;
+        ctx.event.duration = duration;
+        let path = ctx.event.path.clone();
+        ctx.net.record(Event::Net(ctx.event));
+        if let (Some(api), Some(buf)) = (ctx.api, self.buf.take()) {
+            if let Some(u) = models::parse(api, &path, &ctx.content_type, &buf) {
+                let cost = crate::telemetry::prices::cost(
+                    &u.model,
+                    u.input,
+                    u.output,
+                    u.cache_read,
+                    u.cache_write,
+                );
+                tracing::info!(provider = api.provider(), model = %u.model, input = u.input, output = u.output, "model call");
+                ctx.net.record(Event::Model(ModelCall {
+                    provider: api.provider().to_string(),
+                    model: u.model,
+                    streamed: u.streamed,
+                    input_tokens: u.input,
+                    output_tokens: u.output,
+                    cache_read_tokens: u.cache_read,
+                    cache_write_tokens: u.cache_write,
+                    cost_usd: cost,
+                    stop_reason: u.stop_reason,
+                    duration_ms: duration.as_millis() as u64,
+                }));
+            }
+        }
+    }
+}
+
+/// A response body that streams through unchanged while [`Tap`] counts and keeps it.
+struct Tapped {
+    inner: Incoming,
+    tap: Tap,
+}
+
+impl hyper::body::Body for Tapped {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let d = d.clone();
+                    self.tap.data(&d);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.tap.finish(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tapped {
+    fn drop(&mut self) {
+        self.tap.finish();
+    }
 }
 
 #[cfg(test)]

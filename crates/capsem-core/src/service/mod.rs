@@ -348,7 +348,18 @@ impl Service {
         let id = self.resolve(query).await?;
         let map = self.inner.sessions.lock().await;
         let e = map.get(&id).ok_or_else(|| HttpError::not_found(query))?;
-        Ok(session_info(e))
+        let mut info = session_info(e);
+        drop(map);
+        let db = self.home().session_dir(&id).join(crate::telemetry::DB_FILE);
+        info.telemetry = Some(
+            tokio::task::spawn_blocking(move || crate::telemetry::summary(&db))
+                .await
+                .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(|e| {
+                    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
+                })?,
+        );
+        Ok(info)
     }
 
     pub async fn list(&self) -> Vec<SessionInfo> {
@@ -535,6 +546,7 @@ fn session_info(e: &Entry) -> SessionInfo {
         asset_version: e.record.asset_version.clone(),
         env_keys: e.record.env.iter().map(|(k, _)| k.clone()).collect(),
         vm: e.vm.clone(),
+        telemetry: None,
     }
 }
 

@@ -45,5 +45,43 @@ pub async fn run(target: &Target, a: InfoArgs) -> anyhow::Result<i32> {
             vm.boot_wall_ms, vm.boot.init_ms, vm.boot.modules_ms, vm.boot.rootfs_ms, vm.boot.ready_ms
         );
     }
+    if let Some(t) = &info.telemetry {
+        println!("Network");
+        println!(
+            "  requests  {} allowed, {} denied (DNS: {} allowed, {} denied)",
+            t.requests_allowed, t.requests_denied, t.dns_allowed, t.dns_denied
+        );
+        if !t.top_domains.is_empty() {
+            let top: Vec<String> = t
+                .top_domains
+                .iter()
+                .map(|(d, n)| format!("{d} ({n})"))
+                .collect();
+            println!("  top       {}", top.join(", "));
+        }
+        println!("Model calls");
+        println!(
+            "  calls     {} ({} input, {} output, {} cache read, {} cache write tokens)",
+            t.model_calls.len(),
+            t.input_tokens,
+            t.output_tokens,
+            t.cache_read_tokens,
+            t.cache_write_tokens
+        );
+        println!("  cost      ${:.6}", t.cost_usd);
+        for m in &t.model_calls {
+            println!(
+                "  {:<9} {} {}in/{}out{} {}",
+                m.provider,
+                m.model,
+                m.input_tokens,
+                m.output_tokens,
+                if m.streamed { " streamed" } else { "" },
+                m.cost_usd
+                    .map(|c| format!("${c:.6}"))
+                    .unwrap_or_else(|| "(no price)".into())
+            );
+        }
+    }
     Ok(0)
 }
