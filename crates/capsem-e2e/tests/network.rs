@@ -183,6 +183,8 @@ fn egress_is_only_what_the_policy_allows() {
     assert!(count("SELECT COUNT(*) FROM net_events WHERE domain = 'allowed.example' AND method = 'POST' AND path = '/v1/messages' AND decision = 'deny' AND status = 403") >= 1);
     assert!(count("SELECT COUNT(*) FROM net_events WHERE domain = 'blocked.example' AND port = 80 AND decision = 'deny'") >= 1);
     assert!(count("SELECT COUNT(*) FROM net_events WHERE domain = 'allowed.example' AND decision = 'allow' AND status = 200 AND bytes_down > 0") >= 5);
+    assert!(count("SELECT COUNT(*) FROM exec_events WHERE command = 'curl -sS https://blocked.example/' AND exit_code = 6") >= 1);
+    assert!(count("SELECT COUNT(*) FROM exec_events WHERE command = 'curl -sS https://allowed.example/' AND exit_code = 0") >= 1);
     let info: serde_json::Value =
         serde_json::from_str(&env.ok(&["info", "net", "--json"])).unwrap();
     let t = &info["telemetry"];

@@ -74,6 +74,20 @@ pub(crate) struct Instance {
     pub stop: Notify,
     /// True when the guest was asked to power off (wait for it) rather than killed.
     pub graceful: std::sync::atomic::AtomicBool,
+    /// The session's record (exec jobs go here; the network writes its own).
+    pub recorder: Option<crate::telemetry::Recorder>,
+}
+
+impl Instance {
+    pub(crate) fn record_exec(&self, command: &str, exit_code: Option<i32>, took: Duration) {
+        if let Some(r) = &self.recorder {
+            r.record(crate::telemetry::Event::Exec(crate::telemetry::ExecEvent {
+                command: command.to_string(),
+                exit_code,
+                duration: took,
+            }));
+        }
+    }
 }
 
 /// Boot the VM and serve until it ends. `ready` is called once: with the VM's info when the guest
@@ -184,6 +198,7 @@ where
         env: record.env.clone(),
         stop: Notify::new(),
         graceful: std::sync::atomic::AtomicBool::new(false),
+        recorder: network.recorder.clone(),
     });
     if let Some(r) = ready.take() {
         r(Ok(&inst.info));

@@ -72,6 +72,8 @@ async fn exec(
     Json(req): Json<crate::api::ExecRequest>,
 ) -> ApiResult<ExecResponse> {
     let timeout = req.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
+    let started = std::time::Instant::now();
+    let command = req.command.clone();
     let job = ExecRequest {
         command: Command::Shell(req.command),
         env: merged_env(&inst, req.env),
@@ -91,6 +93,7 @@ async fn exec(
     } else {
         out.exit.status.shell_code()
     };
+    inst.record_exec(&command, Some(exit_code), started.elapsed());
     Ok(Json(ExecResponse {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -144,11 +147,82 @@ where
     uds_http::switching_protocols()
 }
 
-async fn exec_stream(State(inst): State<Arc<Instance>>, req: Request) -> Response {
-    splice_to_guest(inst, req, port::EXEC, |inst, mut r: ExecRequest| {
-        r.env = merged_env(inst, std::mem::take(&mut r.env));
-        r
-    })
+async fn exec_stream(State(inst): State<Arc<Instance>>, mut req: Request) -> Response {
+    let Some(on_upgrade) = take_upgrade(&mut req) else {
+        return HttpError::new(StatusCode::BAD_REQUEST, "this endpoint needs an upgrade")
+            .into_response();
+    };
+    tokio::spawn(async move {
+        let Ok(up) = on_upgrade.await else { return };
+        let mut client = hyper_util::rt::TokioIo::new(up);
+        let Ok(mut job) = frame::expect_frame::<_, ExecRequest>(&mut client, "the request").await
+        else {
+            return;
+        };
+        job.env = merged_env(&inst, std::mem::take(&mut job.env));
+        let command = match &job.command {
+            Command::Shell(s) => s.clone(),
+            Command::Argv(a) => a.join(" "),
+        };
+        let Ok(mut guest) = inst.guest.open(port::EXEC).await else {
+            return;
+        };
+        if frame::write_frame(&mut guest, &job).await.is_err() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let exit = relay_exec(client, guest).await;
+        let code = exit.map(|e| if e.timed_out { 124 } else { e.status.shell_code() });
+        inst.record_exec(&command, code, started.elapsed());
+    });
+    uds_http::switching_protocols()
+}
+
+/// Carry an exec stream both ways, reading the guest's frames just enough to see the `Exit`.
+async fn relay_exec<C, G>(client: C, guest: G) -> Option<capsem_proto::exec::ExecExit>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    G: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use capsem_proto::exec::ExecEvent;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut gr, mut gw) = tokio::io::split(guest);
+    let up = async {
+        let _ = tokio::io::copy(&mut cr, &mut gw).await;
+        let _ = gw.shutdown().await;
+    };
+    let down = async {
+        let mut exit = None;
+        let mut buf = Vec::new();
+        loop {
+            let mut len = [0u8; 4];
+            if gr.read_exact(&mut len).await.is_err() {
+                break;
+            }
+            let n = u32::from_le_bytes(len) as usize;
+            if n > frame::MAX_FRAME {
+                break;
+            }
+            buf.resize(n, 0);
+            if gr.read_exact(&mut buf).await.is_err() {
+                break;
+            }
+            // Only the Exit frame is decoded (its variant index leads the payload).
+            if buf.first() == Some(&3) {
+                if let Ok(ExecEvent::Exit(e)) = frame::decode::<ExecEvent>(&buf) {
+                    exit = Some(e);
+                }
+            }
+            if cw.write_all(&len).await.is_err() || cw.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        let _ = cw.shutdown().await;
+        exit
+    };
+    let ((), exit) = tokio::join!(up, down);
+    exit
 }
 
 async fn terminal(State(inst): State<Arc<Instance>>, req: Request) -> Response {
