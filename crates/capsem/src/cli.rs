@@ -170,6 +170,10 @@ pub struct SetupArgs {
     /// Rebuild everything even if up to date.
     #[arg(long)]
     pub force: bool,
+    /// Network preset written to user.toml: `medium` (package registries, GitHub and the AI
+    /// APIs) or `high` (the AI APIs only). Everything else is denied.
+    #[arg(long, value_parser = ["medium", "high"])]
+    pub preset: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -355,6 +355,48 @@ impl Policy {
     }
 }
 
+/// Set `[network] preset` in the settings file at `path` (created 0600 if absent), keeping
+/// every other key. Running sessions pick the change up on their next request.
+pub fn write_preset(path: &Path, preset: Preset) -> Result<(), PolicyError> {
+    let origin = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(PolicyError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut doc: toml::Table = toml::from_str(&text).map_err(|e| PolicyError::Parse {
+        origin: origin.clone(),
+        message: e.message().to_string(),
+    })?;
+    let network = doc
+        .entry("network")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(table) = network.as_table_mut() else {
+        return Err(PolicyError::Parse {
+            origin,
+            message: "`network` is not a table".into(),
+        });
+    };
+    let name = match preset {
+        Preset::Medium => "medium",
+        Preset::High => "high",
+    };
+    table.insert("preset".into(), toml::Value::String(name.into()));
+    let out = toml::to_string(&doc).map_err(|e| PolicyError::Parse {
+        origin,
+        message: e.to_string(),
+    })?;
+    crate::paths::write_private(path, out.as_bytes()).map_err(|source| PolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn allow(rule: String) -> Decision {
     Decision {
         action: Action::Allow,

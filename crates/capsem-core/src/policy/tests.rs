@@ -221,3 +221,30 @@ fn load_treats_missing_files_as_empty() {
     assert_eq!(p.decide("pypi.org", "GET", "/").action, Action::Allow);
     assert!(p.locked().is_empty());
 }
+
+#[test]
+fn write_preset_keeps_other_keys_and_takes_effect() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let user = dir.path().join("user.toml");
+    let corp = dir.path().join("corp.toml");
+    // Absent file: created private, with only the preset.
+    write_preset(&user, Preset::High).unwrap();
+    assert_eq!(
+        std::fs::metadata(&user).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let p = Policy::load(&user, &corp).unwrap();
+    assert_eq!(p.decide("api.anthropic.com", "POST", "/v1/messages").action, Action::Allow);
+    assert_eq!(p.decide("pypi.org", "GET", "/simple/").action, Action::Deny);
+    // Existing keys survive a preset change.
+    std::fs::write(&user, "[network]\npreset = \"high\"\nblock = [\"github.com\"]\n").unwrap();
+    write_preset(&user, Preset::Medium).unwrap();
+    let p = Policy::load(&user, &corp).unwrap();
+    assert_eq!(p.decide("pypi.org", "GET", "/simple/").action, Action::Allow);
+    assert_eq!(p.decide("github.com", "GET", "/").action, Action::Deny);
+    // A broken file is reported, not overwritten.
+    std::fs::write(&user, "[network\n").unwrap();
+    assert!(write_preset(&user, Preset::High).is_err());
+    assert_eq!(std::fs::read_to_string(&user).unwrap(), "[network\n");
+}

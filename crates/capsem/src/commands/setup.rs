@@ -15,6 +15,16 @@ use crate::client::Target;
 pub async fn setup(target: &Target, a: SetupArgs) -> anyhow::Result<i32> {
     // There is nothing to ask yet; --non-interactive is accepted for scripts.
     let _ = a.non_interactive;
+    if let Some(p) = a.preset.as_deref() {
+        let preset = capsem_core::policy::Preset::parse(p).context("clap checked the preset")?;
+        let file = target.home.user_settings();
+        target
+            .home
+            .ensure()
+            .with_context(|| format!("cannot create {}", target.home.root().display()))?;
+        capsem_core::policy::write_preset(&file, preset)?;
+        println!("network preset {p} written to {}", file.display());
+    }
     build(target, a.force, None).await
 }
 
