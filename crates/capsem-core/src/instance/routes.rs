@@ -172,7 +172,13 @@ async fn exec_stream(State(inst): State<Arc<Instance>>, mut req: Request) -> Res
         }
         let started = std::time::Instant::now();
         let exit = relay_exec(client, guest).await;
-        let code = exit.map(|e| if e.timed_out { 124 } else { e.status.shell_code() });
+        let code = exit.map(|e| {
+            if e.timed_out {
+                124
+            } else {
+                e.status.shell_code()
+            }
+        });
         inst.record_exec(&command, code, started.elapsed());
     });
     uds_http::switching_protocols()

@@ -18,7 +18,7 @@ mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use capsem_proto::frame;
 use capsem_proto::net::{DnsAnswer, NetOpen};
@@ -36,8 +36,18 @@ pub const CORP_FILE_ENV: &str = "CAPSEM_CORP_FILE";
 pub struct PolicySource {
     user: PathBuf,
     corp: PathBuf,
-    current: Mutex<(Option<Stamp>, Arc<Policy>)>,
+    current: Mutex<Current>,
 }
+
+struct Current {
+    stamp: Option<Stamp>,
+    policy: Arc<Policy>,
+    /// When the files were last looked at: at most every [`RECHECK`], not on every request.
+    checked: Instant,
+}
+
+/// How stale a policy may be: an edit reaches running sessions within this.
+pub const RECHECK: Duration = Duration::from_millis(100);
 
 type Stamp = (Option<SystemTime>, Option<SystemTime>, u64, u64);
 
@@ -68,28 +78,36 @@ impl PolicySource {
         Ok(PolicySource {
             user,
             corp,
-            current: Mutex::new((Some(s), Arc::new(policy))),
+            current: Mutex::new(Current {
+                stamp: Some(s),
+                policy: Arc::new(policy),
+                checked: Instant::now(),
+            }),
         })
     }
 
     /// The policy as the files say now. A file that became invalid keeps the last good policy
     /// (and says so in the log) rather than opening or closing everything.
     pub fn current(&self) -> Arc<Policy> {
-        let now = stamp(&self.user, &self.corp);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if cur.0.as_ref() != Some(&now) {
+        if cur.checked.elapsed() < RECHECK {
+            return cur.policy.clone();
+        }
+        cur.checked = Instant::now();
+        let now = stamp(&self.user, &self.corp);
+        if cur.stamp.as_ref() != Some(&now) {
             match Policy::load(&self.user, &self.corp) {
                 Ok(p) => {
                     tracing::info!("policy reloaded");
-                    *cur = (Some(now), Arc::new(p));
+                    cur.policy = Arc::new(p);
                 }
                 Err(e) => {
                     tracing::warn!(error = %crate::error_chain(&e), "policy not reloaded; keeping the previous one");
-                    cur.0 = Some(now);
                 }
             }
+            cur.stamp = Some(now);
         }
-        cur.1.clone()
+        cur.policy.clone()
     }
 }
 
@@ -100,7 +118,13 @@ pub struct Network {
     /// Where requests, DNS answers and model calls are recorded (none in some tests).
     pub recorder: Option<crate::telemetry::Recorder>,
     native_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The upstream TLS configuration, for the extra bundle (path, mtime) it was built with.
+    upstream: Mutex<Option<(BundleStamp, Arc<rustls::ClientConfig>)>>,
+    /// The guest-facing TLS configuration (certificates are minted per SNI by its resolver).
+    server: Mutex<Option<Arc<rustls::ServerConfig>>>,
 }
+
+type BundleStamp = Option<(PathBuf, Option<SystemTime>)>;
 
 impl Network {
     pub fn new(
@@ -117,6 +141,8 @@ impl Network {
             policy,
             recorder,
             native_roots: native.certs,
+            upstream: Mutex::new(None),
+            server: Mutex::new(None),
         }
     }
 
@@ -162,6 +188,22 @@ impl Network {
     /// The TLS client configuration for upstream connections: system roots plus the policy's
     /// extra CA bundle. Certificate errors upstream are failures; nothing is ever skipped.
     fn upstream_tls(&self, policy: &Policy) -> Result<Arc<rustls::ClientConfig>, String> {
+        let stamp: BundleStamp = policy.extra_ca_bundle().map(|p| {
+            let mtime = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            (p.to_path_buf(), mtime)
+        });
+        let mut cached = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, cfg)) = cached.as_ref() {
+            if *s == stamp {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = self.build_upstream_tls(policy)?;
+        *cached = Some((stamp, cfg.clone()));
+        Ok(cfg)
+    }
+
+    fn build_upstream_tls(&self, policy: &Policy) -> Result<Arc<rustls::ClientConfig>, String> {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(self.native_roots.iter().cloned());
@@ -182,5 +224,25 @@ impl Network {
         .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+impl Network {
+    /// The guest-facing TLS server configuration (built once).
+    pub(crate) fn server_tls(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let mut cached = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(proxy::Minting(self.ca.clone())));
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let cfg = Arc::new(cfg);
+        *cached = Some(cfg.clone());
+        Ok(cfg)
     }
 }

@@ -56,7 +56,7 @@ where
 
 /// Picks (mints) the certificate for the SNI the client sent.
 #[derive(Debug)]
-struct Minting(Arc<Ca>);
+pub(super) struct Minting(pub(super) Arc<Ca>);
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,23 +85,14 @@ fn tls(
     expected: Option<String>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_no_client_auth()
-                .with_cert_resolver(Arc::new(Minting(net.ca.clone())))
-        });
-        let mut cfg = match cfg {
+        let cfg = match net.server_tls() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "TLS server configuration failed");
                 return;
             }
         };
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let stream = match acceptor.accept(io).await {
             Ok(s) => s,
             Err(e) => {
@@ -426,16 +417,20 @@ impl Conn {
                 process: self.process.clone(),
             }));
         }
-        tracing::info!(
-            domain = host,
-            method = %method,
-            path,
-            decision = action.as_str(),
-            rule,
-            status,
-            process = self.process.as_deref().unwrap_or(""),
-            "http"
-        );
+        // Denials go to the log; every request is in the session record.
+        if action == Action::Deny {
+            tracing::info!(
+                domain = host,
+                method = %method,
+                path,
+                rule,
+                status,
+                process = self.process.as_deref().unwrap_or(""),
+                "http denied"
+            );
+        } else {
+            tracing::debug!(domain = host, method = %method, path, rule, status, "http");
+        }
     }
 }
 
@@ -461,7 +456,8 @@ async fn connect_upstream(
         }
         None => Box::new(tcp),
     };
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {

@@ -235,13 +235,23 @@ fn write_preset_keeps_other_keys_and_takes_effect() {
         0o600
     );
     let p = Policy::load(&user, &corp).unwrap();
-    assert_eq!(p.decide("api.anthropic.com", "POST", "/v1/messages").action, Action::Allow);
+    assert_eq!(
+        p.decide("api.anthropic.com", "POST", "/v1/messages").action,
+        Action::Allow
+    );
     assert_eq!(p.decide("pypi.org", "GET", "/simple/").action, Action::Deny);
     // Existing keys survive a preset change.
-    std::fs::write(&user, "[network]\npreset = \"high\"\nblock = [\"github.com\"]\n").unwrap();
+    std::fs::write(
+        &user,
+        "[network]\npreset = \"high\"\nblock = [\"github.com\"]\n",
+    )
+    .unwrap();
     write_preset(&user, Preset::Medium).unwrap();
     let p = Policy::load(&user, &corp).unwrap();
-    assert_eq!(p.decide("pypi.org", "GET", "/simple/").action, Action::Allow);
+    assert_eq!(
+        p.decide("pypi.org", "GET", "/simple/").action,
+        Action::Allow
+    );
     assert_eq!(p.decide("github.com", "GET", "/").action, Action::Deny);
     // A broken file is reported, not overwritten.
     std::fs::write(&user, "[network\n").unwrap();

@@ -19,8 +19,10 @@ pub const DB_FILE: &str = "session.db";
 
 /// Events waiting for the writer beyond this many are dropped (and counted in the log).
 const QUEUE: usize = 65_536;
-/// The writer commits at most this many events per transaction.
-const BATCH: usize = 512;
+/// The writer commits at most this many events per transaction...
+const BATCH: usize = 4096;
+/// ...gathered for this long after the first one.
+const GATHER: Duration = Duration::from_millis(50);
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS net_events (
@@ -161,6 +163,9 @@ fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
 
 fn writer(mut db: rusqlite::Connection, rx: mpsc::Receiver<(u64, Event)>) {
     while let Ok(first) = rx.recv() {
+        // Let events gather for GATHER after the first one: one wake-up and one commit per
+        // batch, not per event.
+        std::thread::sleep(GATHER);
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {

@@ -1,0 +1,310 @@
+//! MITM proxy throughput (issue 3): requests/s and latency through the proxy vs. direct to the
+//! same local HTTPS upstream (keep-alive, small responses), and a 100 MiB download both ways.
+//! Run: `cargo bench -p capsem-core --bench proxy` (`BENCH_SECS` per round, default 3;
+//! `BENCH_CONNS` concurrent keep-alive connections, default 8).
+//!
+//! The proxy path is the real one minus the VM: the client plays the guest relay — one yamux
+//! session over a UNIX socket (as QEMU's chardev is), a stream per connection with the
+//! `NetOpen::Tcp` frame, then TLS — and the proxy side accepts the streams exactly as
+//! capsem-process does, terminates TLS with a minted leaf, applies the policy, records the
+//! request in a real `session.db`, and forwards over its own TLS connection to the upstream.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capsem_core::net::{Ca, Network, PolicySource};
+use capsem_proto::mux::{Mux, MuxHandle, Side};
+use capsem_proto::net::NetOpen;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+const NAME: &str = "bench.example";
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+const BIG: usize = 100 << 20;
+
+fn main() {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let conns: usize = std::env::var("BENCH_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(Duration::from_secs(secs), conns));
+}
+
+async fn run(round: Duration, conns: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (up_port, up_ca) = upstream(dir.path()).await;
+    std::fs::write(
+        dir.path().join("user.toml"),
+        format!(
+            "[network]\ndefault = \"deny\"\nallow = [\"{NAME}\"]\nextra_ca_bundle = \"{}\"\n\
+             [network.upstream_override]\n\"{NAME}\" = \"127.0.0.1:{up_port}\"\n",
+            dir.path().join("upstream-ca.pem").display()
+        ),
+    )
+    .unwrap();
+    let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca")).unwrap());
+    let policy =
+        PolicySource::new(dir.path().join("user.toml"), dir.path().join("corp.toml")).unwrap();
+    let recorder = capsem_core::telemetry::Recorder::open(&dir.path().join("session.db")).unwrap();
+    let recorder = (std::env::var_os("BENCH_NO_RECORD").is_none()).then_some(recorder);
+    let net = Arc::new(Network::new(ca.clone(), policy, recorder));
+    // The channel: a yamux session over a UNIX socket pair, host side feeding the proxy.
+    let (host_io, guest_io) = tokio::net::UnixStream::pair().unwrap();
+    let (_host, mut inbound, _closed) = Mux::start(host_io, Side::Host);
+    tokio::spawn(async move {
+        while let Some(stream) = inbound.recv().await {
+            let net = net.clone();
+            tokio::spawn(async move {
+                if let Ok(inb) = capsem_proto::mux::accept(stream).await {
+                    net.handle(inb.stream).await;
+                }
+            });
+        }
+    });
+    let (guest, _guest_inbound, _guest_closed) = Mux::start(guest_io, Side::Guest);
+    let direct = Target {
+        port: up_port,
+        relay: None,
+        roots: up_ca,
+    };
+    let via = Target {
+        port: 0,
+        relay: Some(guest),
+        roots: ca.cert_der(),
+    };
+    println!(
+        "machine: {} cores; {conns} keep-alive connections, {} s rounds",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        round.as_secs()
+    );
+    let (mut d_rps, mut p_rps) = (Vec::new(), Vec::new());
+    let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (r, mut l) = load(&direct, conns, round).await;
+        d_rps.push(r);
+        d_lat.append(&mut l);
+        let (r, mut l) = load(&via, conns, round).await;
+        p_rps.push(r);
+        p_lat.append(&mut l);
+    }
+    let (d, p) = (median(&mut d_rps), median(&mut p_rps));
+    println!(
+        "direct  {d:8.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
+        pct(&mut d_lat, 0.5),
+        pct(&mut d_lat, 0.99)
+    );
+    println!(
+        "proxy   {p:8.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
+        pct(&mut p_lat, 0.5),
+        pct(&mut p_lat, 0.99)
+    );
+    println!(
+        "ratio   {:8.3}  (targets: ratio >= 0.5, proxy >= 5000 req/s)",
+        p / d
+    );
+
+    let (mut d_mb, mut p_mb) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        d_mb.push(download(&direct).await);
+        p_mb.push(download(&via).await);
+    }
+    let (d, p) = (median(&mut d_mb), median(&mut p_mb));
+    println!(
+        "100 MiB download: direct {d:.0} MiB/s, proxy {p:.0} MiB/s, ratio {:.3} (target >= 0.5)",
+        p / d
+    );
+}
+
+struct Target {
+    /// The upstream's port (direct)...
+    port: u16,
+    /// ...or the guest end of the channel: open a stream and send the `NetOpen` frame first.
+    relay: Option<MuxHandle>,
+    roots: CertificateDer<'static>,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(t: &Target) -> Sender {
+    let io: Box<dyn Io> = match &t.relay {
+        Some(mux) => {
+            let mut s = mux.open(capsem_proto::port::MITM).await.unwrap();
+            capsem_proto::frame::write_frame(
+                &mut s,
+                &NetOpen::Tcp {
+                    port: 443,
+                    process: None,
+                },
+            )
+            .await
+            .unwrap();
+            Box::new(s)
+        }
+        None => {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
+                .await
+                .unwrap();
+            tcp.set_nodelay(true).unwrap();
+            Box::new(tcp)
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(t.roots.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(NAME).unwrap(), io)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn get(path: &str) -> hyper::Request<Empty<Bytes>> {
+    hyper::Request::get(path)
+        .header("host", NAME)
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// `conns` connections issuing small GETs back to back for `round`: (req/s, latencies in ms).
+async fn load(t: &Target, conns: usize, round: Duration) -> (f64, Vec<f64>) {
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    let end = start + round;
+    for _ in 0..conns {
+        let mut s = connect(t).await;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                s.ready().await.unwrap();
+                let resp = s.send_request(get("/small")).await.unwrap();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"ok");
+                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    (all.len() as f64 / start.elapsed().as_secs_f64(), all)
+}
+
+/// One 100 MiB GET; MiB/s.
+async fn download(t: &Target) -> f64 {
+    let mut s = connect(t).await;
+    let t0 = Instant::now();
+    let resp = s.send_request(get("/big")).await.unwrap();
+    let mut body = resp.into_body();
+    let mut n = 0usize;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            n += d.len();
+        }
+    }
+    assert_eq!(n, BIG);
+    (n as f64 / (1 << 20) as f64) / t0.elapsed().as_secs_f64()
+}
+
+/// The stand-in upstream: `/small` → "ok", `/big` → 100 MiB in 64 KiB chunks. Returns its
+/// port and CA certificate (also written to `upstream-ca.pem`).
+async fn upstream(dir: &std::path::Path) -> (u16, CertificateDer<'static>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench upstream CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("upstream-ca.pem"), ca.pem()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![NAME.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = if req.uri().path() == "/big" {
+                            let chunk = Bytes::from(vec![0x5a; 64 << 10]);
+                            let chunks = (0..BIG / chunk.len()).map(move |_| {
+                                Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))
+                            });
+                            StreamBody::new(futures::stream::iter(chunks)).boxed()
+                        } else {
+                            http_body_util::Full::new(Bytes::from_static(b"ok"))
+                                .map_err(|never| match never {})
+                                .boxed()
+                        };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, ca.der().clone())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
