@@ -171,7 +171,8 @@ pub struct SetupArgs {
     #[arg(long)]
     pub force: bool,
     /// Network preset written to user.toml: `medium` (package registries, GitHub and the AI
-    /// APIs) or `high` (the AI APIs only). Everything else is denied.
+    /// APIs; the default on a first setup) or `high` (the AI APIs only). Everything else is
+    /// denied.
     #[arg(long, value_parser = ["medium", "high"])]
     pub preset: Option<String>,
 }

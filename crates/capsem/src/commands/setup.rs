@@ -15,15 +15,24 @@ use crate::client::Target;
 pub async fn setup(target: &Target, a: SetupArgs) -> anyhow::Result<i32> {
     // There is nothing to ask yet; --non-interactive is accepted for scripts.
     let _ = a.non_interactive;
-    if let Some(p) = a.preset.as_deref() {
-        let preset = capsem_core::policy::Preset::parse(p).context("clap checked the preset")?;
-        let file = target.home.user_settings();
+    // An explicit --preset always applies; a first setup gets the default, `medium`.
+    let file = target.home.user_settings();
+    let preset = match a.preset.as_deref() {
+        Some(p) => Some(p),
+        None if !file.exists() => Some("medium"),
+        None => None,
+    };
+    if let Some(p) = preset {
+        let parsed = capsem_core::policy::Preset::parse(p).context("clap checked the preset")?;
         target
             .home
             .ensure()
             .with_context(|| format!("cannot create {}", target.home.root().display()))?;
-        capsem_core::policy::write_preset(&file, preset)?;
-        println!("network preset {p} written to {}", file.display());
+        capsem_core::policy::write_preset(&file, parsed)?;
+        println!(
+            "network preset {p} written to {} (edit it to allow or block domains)",
+            file.display()
+        );
     }
     build(target, a.force, None).await
 }
