@@ -133,16 +133,94 @@ async fn relay(listener: TcpListener, p: u16, link: HostLink) {
 async fn relay_one(mut conn: TcpStream, p: u16, link: HostLink) {
     let _ = conn.set_nodelay(true);
     let Some(h) = link.get() else { return };
-    let Ok(mut up) = h.open(port::MITM).await else {
+    // Who connected, looked up while the stream to the host opens.
+    let peer_port = conn.peer_addr().map(|a| a.port()).unwrap_or(0);
+    let (process, up) = tokio::join!(
+        tokio::task::spawn_blocking(move || process_of(peer_port, p)),
+        h.open(port::MITM)
+    );
+    let Ok(mut up) = up else {
         return;
     };
     let open = NetOpen::Tcp {
         port: p,
-        process: None,
+        process: process.ok().flatten(),
     };
     if frame::write_frame(&mut up, &open).await.is_err() {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
     let _ = conn.shutdown().await;
+}
+
+/// The command name of the guest process owning the client end of a relayed connection (local
+/// port `client_port`, remote port `relay_port`): its socket inode from `/proc/net/tcp`, then
+/// the process holding that inode among `/proc/<pid>/fd`. `None` when it cannot be told.
+pub fn process_of(client_port: u16, relay_port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = socket_inode(&table, client_port, relay_port)?;
+    let target = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+                return Some(comm.trim_end().to_string());
+            }
+        }
+    }
+    None
+}
+
+/// The inode of the `/proc/net/tcp` row whose local port is `local` and remote port `remote`.
+fn socket_inode(table: &str, local: u16, remote: u16) -> Option<u64> {
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 9 && port(f[1]) == Some(local) && port(f[2]) == Some(remote) {
+            f[9].parse().ok().filter(|i| *i != 0)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_client_row_of_a_relayed_connection() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100000A:01BB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1111 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100000A:9C40 0100000A:01BB 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n\
+   2: 0100000A:01BB 0100000A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 5151 1 0000000000000000 20 4 30 10 -1\n";
+        assert_eq!(socket_inode(table, 0x9C40, 443), Some(4242));
+        assert_eq!(socket_inode(table, 443, 0x9C40), Some(5151));
+        assert_eq!(socket_inode(table, 1, 443), None);
+    }
+
+    #[test]
+    fn names_the_process_holding_a_real_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (port, remote) = (
+            c.local_addr().unwrap().port(),
+            l.local_addr().unwrap().port(),
+        );
+        let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(process_of(port, remote).as_deref(), Some(me.trim_end()));
+    }
 }

@@ -88,6 +88,15 @@ fn egress_is_only_what_the_policy_allows() {
         g.ok(r#"node -e 'fetch("https://allowed.example/").then(r => r.text()).then(t => process.stdout.write(t))'"#),
         hello
     );
+    // HTTP/2 towards the guest when the client offers it; HTTP/1.1 otherwise.
+    assert_eq!(
+        g.ok("curl -sS --http2 -w '%{http_version}' https://allowed.example/"),
+        format!("{hello}2")
+    );
+    assert_eq!(
+        g.ok("curl -sS --http1.1 -w '%{http_version}' https://allowed.example/"),
+        format!("{hello}1.1")
+    );
     // Keep-alive: two requests on one connection.
     assert_eq!(
         g.ok("curl -sS https://allowed.example/ https://allowed.example/a"),
@@ -183,6 +192,17 @@ fn egress_is_only_what_the_policy_allows() {
     assert!(count("SELECT COUNT(*) FROM net_events WHERE domain = 'allowed.example' AND method = 'POST' AND path = '/v1/messages' AND decision = 'deny' AND status = 403") >= 1);
     assert!(count("SELECT COUNT(*) FROM net_events WHERE domain = 'blocked.example' AND port = 80 AND decision = 'deny'") >= 1);
     assert!(count("SELECT COUNT(*) FROM net_events WHERE domain = 'allowed.example' AND decision = 'allow' AND status = 200 AND bytes_down > 0") >= 5);
+    // Tagged with the guest process that opened the connection.
+    assert!(
+        count(
+            "SELECT COUNT(*) FROM net_events WHERE domain = 'allowed.example' AND process = 'curl'"
+        ) >= 3
+    );
+    assert!(
+        count(
+            "SELECT COUNT(*) FROM net_events WHERE domain = 'allowed.example' AND process = 'node'"
+        ) >= 1
+    );
     assert!(count("SELECT COUNT(*) FROM exec_events WHERE command = 'curl -sS https://blocked.example/' AND exit_code = 6") >= 1);
     assert!(count("SELECT COUNT(*) FROM exec_events WHERE command = 'curl -sS https://allowed.example/' AND exit_code = 0") >= 1);
     let info: serde_json::Value =

@@ -240,7 +240,7 @@ impl Network {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(proxy::Minting(self.ca.clone())));
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let cfg = Arc::new(cfg);
         *cached = Some(cfg.clone());
         Ok(cfg)

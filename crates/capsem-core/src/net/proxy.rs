@@ -45,8 +45,8 @@ where
 {
     let io: BoxIo = Box::new(stream);
     match port {
-        443 => tls(net, io, None).await,
-        80 => serve_http(net, io, None, process).await,
+        443 => tls(net, io, None, process).await,
+        80 => serve_http(net, io, None, process, false).await,
         other => tracing::warn!(
             port = other,
             "relayed connection to a port that is not proxied"
@@ -83,6 +83,7 @@ fn tls(
     net: Arc<Network>,
     io: BoxIo,
     expected: Option<String>,
+    process: Option<String>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let cfg = match net.server_tls() {
@@ -110,7 +111,8 @@ fn tls(
             }
             _ => sni,
         };
-        serve_http(net, Box::new(stream), Some(sni), None).await;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        serve_http(net, Box::new(stream), Some(sni), process, h2).await;
     })
 }
 
@@ -124,7 +126,13 @@ struct Conn {
     port: u16,
 }
 
-async fn serve_http(net: Arc<Network>, io: BoxIo, sni: Option<String>, process: Option<String>) {
+async fn serve_http(
+    net: Arc<Network>,
+    io: BoxIo,
+    sni: Option<String>,
+    process: Option<String>,
+    h2: bool,
+) {
     let port = if sni.is_some() { 443 } else { 80 };
     let conn = Arc::new(Conn {
         net,
@@ -137,10 +145,16 @@ async fn serve_http(net: Arc<Network>, io: BoxIo, sni: Option<String>, process: 
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.request(req).await) }
     });
-    let r = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades()
-        .await;
+    let r = if h2 {
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await
+    };
     if let Err(e) = r {
         tracing::debug!(error = %e, "guest HTTP connection ended");
     }
@@ -269,6 +283,7 @@ impl Conn {
                 }
             },
         };
+        to_http1(&mut req, &host);
         let bytes_up = Arc::new(AtomicU64::new(0));
         let req = req.map(|b| {
             Counted {
@@ -378,10 +393,10 @@ impl Conn {
                 ),
             );
         }
-        let net = self.net.clone();
+        let (net, process) = (self.net.clone(), self.process.clone());
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
-                Ok(up) => tls(net, Box::new(TokioIo::new(up)), Some(host)).await,
+                Ok(up) => tls(net, Box::new(TokioIo::new(up)), Some(host), process).await,
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
@@ -464,6 +479,32 @@ async fn connect_upstream(
         let _ = conn.with_upgrades().await;
     });
     Ok(sender)
+}
+
+/// Make a guest request (HTTP/1.1 or HTTP/2) fit for the HTTP/1.1 upstream connection:
+/// origin-form target, a `Host` header, no HTTP/2-only version.
+fn to_http1<B>(req: &mut Request<B>, host: &str) {
+    if !req.headers().contains_key(header::HOST) {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_else(|| host.to_string());
+        if let Ok(v) = header::HeaderValue::from_str(&authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if req.uri().authority().is_some() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(u) = pq.parse() {
+            *req.uri_mut() = u;
+        }
+    }
+    *req.version_mut() = hyper::Version::HTTP_11;
 }
 
 /// A request body that counts the bytes it passes.
