@@ -57,6 +57,8 @@ pub enum InstanceError {
     Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("the guest did not accept the capsem CA: {0}")]
     TrustCa(String),
+    #[error("setting up the session's network failed: {0}")]
+    NetworkSetup(String),
 }
 
 pub struct InstanceConfig {
@@ -117,13 +119,20 @@ where
     let record = SessionRecord::load(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))?;
     let assets = crate::image::load(&cfg.home.assets_root())?;
     let hv = hypervisor::detect(cfg.accel)?;
-    let network = Arc::new(crate::net::Network::new(
-        Arc::new(crate::net::Ca::load_or_create(&cfg.home.ca_dir())?),
-        crate::net::PolicySource::for_home(&cfg.home)?,
-        Some(crate::telemetry::Recorder::open(
-            &dir.join(crate::telemetry::DB_FILE),
-        )?),
-    ));
+    // The network side (CA, policy, session record, system roots: tens of milliseconds) is
+    // made while the guest boots; the guest needs it only after its handshake.
+    let network_task = {
+        let (home, dir) = (cfg.home.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || -> Result<crate::net::Network, InstanceError> {
+            Ok(crate::net::Network::new(
+                Arc::new(crate::net::Ca::load_or_create(&home.ca_dir())?),
+                crate::net::PolicySource::for_home(&home)?,
+                Some(crate::telemetry::Recorder::open(
+                    &dir.join(crate::telemetry::DB_FILE),
+                )?),
+            ))
+        })
+    };
 
     tracing::debug!(id = %cfg.id, "instance: starting");
     let disk = dir.join("disk.qcow2");
@@ -163,6 +172,11 @@ where
             return Err(InstanceError::VmExited(why));
         }
     };
+    let network = Arc::new(
+        network_task
+            .await
+            .map_err(|e| InstanceError::NetworkSetup(e.to_string()))??,
+    );
     let guest = channel.handle();
     serve_guest_streams(channel.inbound, network.clone());
     match guest
