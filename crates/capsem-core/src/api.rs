@@ -193,6 +193,13 @@ pub struct DeleteResponse {
     pub id: String,
 }
 
+/// `POST /vms/{id}/persist`: name a session and keep it (its disk and record outlive its
+/// stream, `purge` without `--all` and `capsem stop`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PersistRequest {
+    pub name: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusResponse {
     pub version: String,

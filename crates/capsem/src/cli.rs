@@ -36,6 +36,8 @@ pub enum Command {
     /// Delete a session and all its state.
     #[command(alias = "rm")]
     Delete(DeleteArgs),
+    /// Keep a session under a name: it becomes persistent (also a temporary one mid-run).
+    Persist(PersistArgs),
     /// Destroy all temporary sessions (with --all, persistent ones too).
     Purge(PurgeArgs),
     /// Build the guest image and prepare capsem for use.
@@ -150,6 +152,14 @@ pub struct LogsArgs {
 pub struct DeleteArgs {
     /// Name or id of the session.
     pub session: String,
+}
+
+#[derive(Args)]
+pub struct PersistArgs {
+    /// Name or id of the session.
+    pub session: String,
+    /// The name to keep it under.
+    pub name: String,
 }
 
 #[derive(Args)]

@@ -387,6 +387,46 @@ impl Service {
         Ok((id, e.client.clone()))
     }
 
+    /// Make a session persistent under `name` (it must be free). Persisting a persistent
+    /// session renames it.
+    pub async fn persist(&self, query: &str, name: &str) -> Result<SessionInfo, HttpError> {
+        names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
+        let id = self.resolve(query).await?;
+        let mut map = self.inner.sessions.lock().await;
+        if map
+            .values()
+            .any(|e| e.record.id != id && e.record.name.as_deref() == Some(name))
+        {
+            return Err(HttpError::new(
+                StatusCode::CONFLICT,
+                format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
+            ));
+        }
+        let e = map
+            .get_mut(&id)
+            .ok_or_else(|| HttpError::not_found(query))?;
+        if e.status == Status::Stopping {
+            return Err(HttpError::new(
+                StatusCode::CONFLICT,
+                format!("session {} is being deleted", e.record.display_name()),
+            ));
+        }
+        let mut record = e.record.clone();
+        record.name = Some(name.to_string());
+        record.persistent = true;
+        record
+            .save(&self.home().session_dir(&id))
+            .map_err(internal)?;
+        e.record = record;
+        Ok(session_info(e))
+    }
+
+    /// Whether session `id` is persistent now (a temporary session may be persisted mid-run).
+    pub async fn is_persistent(&self, id: &str) -> bool {
+        let map = self.inner.sessions.lock().await;
+        map.get(id).map(|e| e.record.persistent).unwrap_or(false)
+    }
+
     /// Stop the VM and remove the session and its directory.
     pub async fn delete(&self, query: &str) -> Result<String, HttpError> {
         let id = self.resolve(query).await?;
@@ -523,7 +563,10 @@ impl Drop for DeleteOnDrop {
         if let Some(id) = self.id.take() {
             let svc = self.svc.clone();
             tokio::spawn(async move {
-                let _ = svc.delete(&id).await;
+                // `capsem persist` during the run keeps it.
+                if !svc.is_persistent(&id).await {
+                    let _ = svc.delete(&id).await;
+                }
             });
         }
     }

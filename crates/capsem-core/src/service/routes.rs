@@ -32,6 +32,7 @@ pub fn router(svc: Service) -> Router {
         .route("/vms/{id}/info", get(info))
         .route("/vms/{id}/logs", get(logs))
         .route("/vms/{id}/delete", delete(remove))
+        .route("/vms/{id}/persist", post(persist))
         .route("/vms/{id}", delete(remove))
         .route("/vms/{id}/exec", post(forward))
         .route("/vms/{id}/files/read", post(forward))
@@ -128,6 +129,15 @@ async fn logs(
 async fn remove(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<DeleteResponse> {
     let id = detached("delete", async move { svc.delete(&id).await }).await?;
     Ok(Json(DeleteResponse { id }))
+}
+
+async fn persist(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<SessionInfo> {
+    let req: crate::api::PersistRequest = parse(&body)?;
+    svc.persist(&id, &req.name).await.map(Json)
 }
 
 async fn purge(State(svc): State<Service>, body: Bytes) -> ApiResult<PurgeResponse> {
@@ -238,7 +248,9 @@ async fn run(State(svc): State<Service>, mut req: Request) -> Response {
     tokio::spawn(async move {
         let res = boot_svc.create(create).await;
         if let Err(Ok(info)) = tx.send(res) {
-            let _ = boot_svc.delete(&info.id).await;
+            if !boot_svc.is_persistent(&info.id).await {
+                let _ = boot_svc.delete(&info.id).await;
+            }
         }
     });
     let info = match rx.await {

@@ -8,6 +8,7 @@ mod exec;
 mod info;
 mod list;
 mod logs;
+mod persist;
 mod purge;
 mod run;
 mod service;
@@ -33,6 +34,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Info(a) => info::run(&target, a).await,
         Command::Logs(a) => logs::run(&target, a).await,
         Command::Delete(a) => delete::run(&target, a).await,
+        Command::Persist(a) => persist::run(&target, a).await,
         Command::Purge(a) => purge::run(&target, a).await,
         Command::Setup(a) => setup::setup(&target, a).await,
         Command::Image(ImageCommand::Build(a)) => setup::image_build(&target, a).await,
