@@ -246,12 +246,7 @@ impl Service {
         {
             let mut map = self.inner.sessions.lock().await;
             if let Some(name) = &record.name {
-                if map.values().any(|e| e.record.name.as_deref() == Some(name)) {
-                    return Err(HttpError::new(
-                        StatusCode::CONFLICT,
-                        format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
-                    ));
-                }
+                name_free(&map, name, &id)?;
             }
             map.insert(
                 id.clone(),
@@ -393,15 +388,7 @@ impl Service {
         names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
         let id = self.resolve(query).await?;
         let mut map = self.inner.sessions.lock().await;
-        if map
-            .values()
-            .any(|e| e.record.id != id && e.record.name.as_deref() == Some(name))
-        {
-            return Err(HttpError::new(
-                StatusCode::CONFLICT,
-                format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
-            ));
-        }
+        name_free(&map, name, &id)?;
         let e = map
             .get_mut(&id)
             .ok_or_else(|| HttpError::not_found(query))?;
@@ -626,6 +613,20 @@ fn watch_pid(pid: u32) -> watch::Receiver<bool> {
 
 fn unavailable(e: impl std::error::Error) -> HttpError {
     HttpError::new(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
+}
+
+/// 409 when a session other than `id` already has `name`.
+fn name_free(map: &HashMap<String, Entry>, name: &str, id: &str) -> Result<(), HttpError> {
+    if map
+        .values()
+        .any(|e| e.record.id != id && e.record.name.as_deref() == Some(name))
+    {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
+        ));
+    }
+    Ok(())
 }
 
 fn internal(e: impl std::error::Error) -> HttpError {
