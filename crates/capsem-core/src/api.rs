@@ -54,6 +54,10 @@ pub enum Status {
     Running,
     Stopping,
     Crashed,
+    /// RAM and device state saved to disk; `resume` continues it.
+    Suspended,
+    /// Being saved to disk.
+    Suspending,
 }
 
 impl Status {
@@ -63,6 +67,8 @@ impl Status {
             Status::Running => "running",
             Status::Stopping => "stopping",
             Status::Crashed => "crashed",
+            Status::Suspended => "suspended",
+            Status::Suspending => "suspending",
         }
     }
 }
@@ -191,6 +197,13 @@ pub struct PurgeResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeleteResponse {
     pub id: String,
+}
+
+/// What `suspend` saved.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SuspendResponse {
+    pub state_bytes: u64,
+    pub took_ms: u64,
 }
 
 /// `POST /vms/{id}/persist`: name a session and keep it (its disk and record outlive its

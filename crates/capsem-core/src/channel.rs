@@ -42,8 +42,10 @@ pub struct GuestChannel {
     pub ready: GuestReady,
     /// Resolves when the channel ends (guest gone).
     pub closed: oneshot::Receiver<()>,
-    /// Streams the guest opens after the handshake (network relay, later).
+    /// Streams the guest opens after the handshake (DNS questions and relayed connections).
     pub inbound: mpsc::Receiver<yamux::Stream>,
+    /// The channel's socket, to hang up on the guest (it then waits for a new host).
+    pub hangup: std::os::unix::net::UnixStream,
 }
 
 /// Collected result of a non-streaming exec.
@@ -65,6 +67,16 @@ impl GuestChannel {
             .await
             .map_err(|_| ChannelError::ConnectTimeout(connect_limit))?
             .map_err(ChannelError::Accept)?;
+        // A second handle on the socket, so the host can hang up on the guest (suspend).
+        let raw = io
+            .into_std()
+            .and_then(|s| {
+                let keep = s.try_clone()?;
+                Ok((s, keep))
+            })
+            .map_err(ChannelError::Accept)?;
+        let io = tokio::net::UnixStream::from_std(raw.0).map_err(ChannelError::Accept)?;
+        let hangup = raw.1;
         let (handle, mut inbound, mut closed) = Mux::start(io, Side::Host);
         let deadline = Instant::now() + ready_limit;
         let ready = loop {
@@ -115,6 +127,7 @@ impl GuestChannel {
             ready,
             closed,
             inbound,
+            hangup,
         })
     }
 

@@ -42,6 +42,7 @@ fn kill_9_of_the_service_loses_no_session() {
 fn a_killed_vm_is_marked_crashed_within_5_seconds() {
     let Some(env) = Env::new() else { return };
     env.ok(&["create", "fragile", "--ram", "1"]);
+    env.ok(&["exec", "fragile", "echo kept > /root/note; sync"]);
     let json: serde_json::Value =
         serde_json::from_str(&env.ok(&["info", "fragile", "--json"])).unwrap();
     let qemu = json["vm"]["qemu_pid"].as_i64().unwrap() as i32;
@@ -59,6 +60,9 @@ fn a_killed_vm_is_marked_crashed_within_5_seconds() {
     let out = env.capsem(&["exec", "fragile", "true"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("crashed"), "{}", stderr(&out));
+    // A crashed persistent session resumes by booting from its disk.
+    env.ok(&["resume", "fragile"]);
+    assert_eq!(env.ok(&["exec", "fragile", "cat /root/note"]), "kept\n");
     env.ok(&["delete", "fragile"]);
 }
 
@@ -129,4 +133,105 @@ fn persist_keeps_a_temporary_session_even_mid_run() {
     assert_eq!(status_of(&env, "fromrun"), "running");
     env.ok(&["delete", "fromrun"]);
     env.ok(&["delete", "kept"]);
+}
+
+#[test]
+fn suspend_saves_ram_and_resume_continues_where_it_stopped() {
+    let Some(env) = Env::new() else { return };
+    env.ok(&["create", "nap", "--ram", "1"]);
+    // State that lives only in RAM: a tmpfs file and a running process.
+    env.ok(&[
+        "exec",
+        "nap",
+        "echo in-ram > /tmp/ram-note; echo on-disk > /root/disk-note",
+    ]);
+    env.ok(&[
+        "exec",
+        "nap",
+        "nohup sleep 1000 > /dev/null 2>&1 & echo $! > /tmp/sleeper",
+    ]);
+    let pid = env.ok(&["exec", "nap", "cat /tmp/sleeper"]);
+
+    // Only persistent sessions can be suspended.
+    let tmp = env.ok(&["create", "--ram", "1"]).trim().to_string();
+    let out = env.capsem(&["suspend", &tmp]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("capsem persist"),
+        "{}",
+        stderr(&out)
+    );
+    env.ok(&["delete", &tmp]);
+
+    env.ok(&["suspend", "nap"]);
+    assert_eq!(status_of(&env, "nap"), "suspended");
+    let id = serde_json::from_str::<serde_json::Value>(&env.ok(&["info", "nap", "--json"]))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let state = env.path().join("sessions").join(&id).join("state/vm.state");
+    assert!(std::fs::metadata(&state).unwrap().len() > 0);
+    assert!(
+        env.processes("qemu-system").is_empty(),
+        "QEMU still running"
+    );
+
+    env.ok(&["resume", "nap"]);
+    assert_eq!(status_of(&env, "nap"), "running");
+    assert_eq!(env.ok(&["exec", "nap", "cat /tmp/ram-note"]), "in-ram\n");
+    assert_eq!(env.ok(&["exec", "nap", "cat /root/disk-note"]), "on-disk\n");
+    assert_eq!(
+        env.ok(&[
+            "exec",
+            "nap",
+            &format!("kill -0 {} && echo alive", pid.trim())
+        ]),
+        "alive\n"
+    );
+    assert!(!state.exists(), "the state is consumed by the resume");
+    // Resume of a running session returns at once.
+    env.ok(&["resume", "nap"]);
+    env.ok(&["delete", "nap"]);
+}
+
+#[test]
+fn service_stop_suspends_and_a_bad_state_boots_cold() {
+    let Some(env) = Env::new() else { return };
+    env.ok(&["create", "keeper", "--ram", "1"]);
+    let tmp = env.ok(&["create", "--ram", "1"]).trim().to_string();
+    env.ok(&[
+        "exec",
+        "keeper",
+        "echo in-ram > /tmp/ram-note; echo on-disk > /root/disk-note; sync",
+    ]);
+    // Stopping the service: the temporary session is destroyed, the persistent one suspended.
+    env.ok(&["stop"]);
+    assert!(env.processes("qemu-system").is_empty(), "QEMU left running");
+    assert_eq!(env.ids().len(), 1, "the temporary session should be gone");
+    assert!(!env.ids().contains(&tmp));
+    assert_eq!(status_of(&env, "keeper"), "suspended");
+    env.ok(&["resume", "keeper"]);
+    assert_eq!(env.ok(&["exec", "keeper", "cat /tmp/ram-note"]), "in-ram\n");
+
+    // A state file that does not load is kept aside; the session boots from its disk.
+    env.ok(&["suspend", "keeper"]);
+    let id = serde_json::from_str::<serde_json::Value>(&env.ok(&["info", "keeper", "--json"]))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let state_dir = env.path().join("sessions").join(&id).join("state");
+    std::fs::write(state_dir.join("vm.state"), b"not a QEMU migration stream").unwrap();
+    env.ok(&["resume", "keeper"]);
+    assert_eq!(status_of(&env, "keeper"), "running");
+    assert!(state_dir.join("vm.bad").exists(), "bad state kept aside");
+    assert_eq!(
+        env.ok(&["exec", "keeper", "cat /root/disk-note"]),
+        "on-disk\n"
+    );
+    let out = env.capsem(&["exec", "keeper", "cat /tmp/ram-note"]);
+    assert!(!out.status.success(), "a cold boot has an empty /tmp");
+    let logs = env.ok(&["logs", "keeper"]);
+    assert!(logs.contains("did not load"), "{logs}");
+    env.ok(&["delete", "keeper"]);
 }

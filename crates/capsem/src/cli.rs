@@ -38,6 +38,10 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Keep a session under a name: it becomes persistent (also a temporary one mid-run).
     Persist(PersistArgs),
+    /// Save a persistent session's RAM and CPU state to disk and stop its VM.
+    Suspend(DeleteArgs),
+    /// Continue a suspended session where it stopped (a running one: returns at once).
+    Resume(DeleteArgs),
     /// Destroy all temporary sessions (with --all, persistent ones too).
     Purge(PurgeArgs),
     /// Build the guest image and prepare capsem for use.

@@ -3,6 +3,7 @@
 //! would add a sibling module and a branch in [`detect`], without touching session logic.
 
 pub mod qemu;
+pub mod qmp;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,8 @@ pub struct VmSpec {
     pub hostname: String,
     /// Extra `key=value` words for the guest kernel command line.
     pub cmdline_extra: Vec<String>,
+    /// Resume from this saved state (RAM and devices) instead of booting.
+    pub incoming: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

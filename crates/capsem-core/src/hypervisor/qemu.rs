@@ -44,7 +44,7 @@ impl Qemu {
         let mut a = machine_args(self.accel, spec.ram_mb, spec.cpus);
         a.extend([
             "-chardev".into(),
-            format!("file,id=serial0,path={}", p(&spec.serial_log)),
+            format!("file,id=serial0,path={},append=on", p(&spec.serial_log)),
             "-serial".into(),
             "chardev:serial0".into(),
             "-kernel".into(),
@@ -80,6 +80,11 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&spec.control_socket)),
         ]);
+        if let Some(state) = &spec.incoming {
+            // `exec:` runs through /bin/sh: quote the path.
+            let quoted = p(state).replace('\'', "'\\''");
+            a.extend(["-incoming".into(), format!("exec:cat '{quoted}'")]);
+        }
         a
     }
 }
@@ -335,6 +340,7 @@ mod tests {
             cpus: 2,
             channel_socket: "/s/channel.sock".into(),
             control_socket: "/s/qmp.sock".into(),
+            incoming: None,
             serial_log: "/s/serial.log".into(),
             hostname: "box".into(),
             cmdline_extra: vec![],

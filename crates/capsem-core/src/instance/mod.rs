@@ -26,6 +26,13 @@ use crate::record::SessionRecord;
 /// Read by capsem-process, so set it where the service starts.
 pub const KERNEL_ARGS_ENV: &str = "CAPSEM_KERNEL_ARGS";
 
+/// Where a suspended session's RAM and device state is saved (`sessions/<id>/state/vm.state`).
+pub const STATE_DIR: &str = "state";
+pub const STATE_FILE: &str = "vm.state";
+
+/// How long a suspend may take to save the VM and quit.
+const SUSPEND_LIMIT: Duration = Duration::from_secs(300);
+
 /// How long QEMU gets to connect its end of the channel after launch.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// How long the guest gets to boot to the ready handshake.
@@ -78,6 +85,15 @@ pub(crate) struct Instance {
     pub graceful: std::sync::atomic::AtomicBool,
     /// The session's record (exec jobs go here; the network writes its own).
     pub recorder: Option<crate::telemetry::Recorder>,
+    /// The session directory.
+    pub dir: PathBuf,
+    /// The guest channel's socket, to hang up on suspend.
+    pub hangup: std::os::unix::net::UnixStream,
+    /// Set while a suspend saves the VM: the channel closing then is expected, and QEMU is
+    /// left to finish and quit by itself.
+    pub suspending: std::sync::atomic::AtomicBool,
+    /// Notified once the suspend's state file is safely on disk.
+    pub saved: Notify,
 }
 
 impl Instance {
@@ -146,7 +162,8 @@ where
             path: channel_path.clone(),
             source,
         })?;
-    let spec = VmSpec {
+    let state = dir.join(STATE_DIR).join(STATE_FILE);
+    let mut spec = VmSpec {
         kernel: assets.kernel.clone(),
         initrd: assets.initrd.clone(),
         rootfs: assets.rootfs.clone(),
@@ -157,19 +174,53 @@ where
         control_socket: dir.join("qmp.sock"),
         serial_log: dir.join("serial.log"),
         hostname: record.name.clone().unwrap_or_else(|| "capsem".into()),
+        incoming: state.is_file().then(|| state.clone()),
         cmdline_extra: std::env::var(KERNEL_ARGS_ENV)
             .map(|v| v.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default(),
     };
     let started = Instant::now();
-    let mut vm = hv.launch(&spec)?;
-    tracing::info!(id = %cfg.id, pid = vm.pid, accel = cfg.accel.as_str(), "VM launched");
-
-    let channel = tokio::select! {
-        ch = GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT) => ch?,
-        status = vm.child.wait() => {
-            let why = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-            return Err(InstanceError::VmExited(why));
+    // Resuming: QEMU loads the saved state, then is told to continue; a state that does not
+    // load is kept aside and the session boots cold from its disk.
+    let (mut vm, channel) = loop {
+        let mut vm = hv.launch(&spec)?;
+        tracing::info!(id = %cfg.id, pid = vm.pid, accel = cfg.accel.as_str(), resume = spec.incoming.is_some(), "VM launched");
+        let resumer = spec
+            .incoming
+            .as_ref()
+            .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone())));
+        let outcome = tokio::select! {
+            ch = GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT) => match ch {
+                Ok(ch) => Ok(ch),
+                // A state that fails to load ends QEMU, and with it the channel.
+                Err(e) if spec.incoming.is_some() => Err(e.to_string()),
+                Err(e) => return Err(e.into()),
+            },
+            status = vm.child.wait() => {
+                Err(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
+            }
+        };
+        if let Some(r) = resumer {
+            r.abort();
+        }
+        match outcome {
+            Ok(ch) => {
+                if let Some(state) = spec.incoming.take() {
+                    // Consumed: the disk moves on from here.
+                    let _ = std::fs::remove_file(&state);
+                    tracing::info!(id = %cfg.id, "resumed from saved state");
+                }
+                break (vm, ch);
+            }
+            Err(why) if spec.incoming.is_some() => {
+                let _ = vm.child.kill().await;
+                let state = spec.incoming.take().expect("checked");
+                let aside = state.with_extension("bad");
+                let _ = std::fs::rename(&state, &aside);
+                tracing::warn!(id = %cfg.id, %why, aside = %aside.display(), "saved state did not load; kept aside, booting cold from the disk");
+                println!("capsem: the saved state of this session did not load ({why}); it is kept as {} and the session boots from its disk", aside.display());
+            }
+            Err(why) => return Err(InstanceError::VmExited(why)),
         }
     };
     let network = Arc::new(
@@ -213,6 +264,10 @@ where
         stop: Notify::new(),
         graceful: std::sync::atomic::AtomicBool::new(false),
         recorder: network.recorder.clone(),
+        dir: dir.clone(),
+        hangup: channel.hangup,
+        suspending: std::sync::atomic::AtomicBool::new(false),
+        saved: Notify::new(),
     });
     if let Some(r) = ready.take() {
         r(Ok(&inst.info));
@@ -227,6 +282,18 @@ where
     }
     // A guest asked to power off gets a moment to do so; otherwise QEMU is killed at once
     // (an ephemeral disk is thrown away, so there is nothing to flush).
+    if inst.suspending.load(std::sync::atomic::Ordering::SeqCst) {
+        // The state is being saved: wait for it (or for QEMU to give up), let the reply to
+        // the suspend request leave, then end the paused VM.
+        tokio::select! {
+            _ = tokio::time::timeout(SUSPEND_LIMIT, inst.saved.notified()) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ = vm.child.wait() => {}
+        }
+        let _ = vm.child.kill().await;
+        return Ok(());
+    }
     let grace = if inst.graceful.load(std::sync::atomic::Ordering::SeqCst) {
         Duration::from_secs(10)
     } else {
@@ -257,4 +324,104 @@ fn serve_guest_streams(
             });
         }
     });
+}
+
+/// Once QEMU has loaded a saved state it waits, paused: tell it to continue.
+async fn continue_after_load(control: PathBuf) {
+    use crate::hypervisor::qmp::Qmp;
+    let Ok(mut q) = Qmp::connect(&control, CONNECT_LIMIT).await else {
+        return;
+    };
+    let end = Instant::now() + READY_LIMIT;
+    while Instant::now() < end {
+        match q.status().await.as_deref() {
+            Ok("inmigrate") => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok("running") => return,
+            Ok(_) => {
+                if let Err(e) = q.execute("cont", serde_json::Value::Null).await {
+                    tracing::warn!(error = %e, "could not continue the resumed VM");
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Suspend: make the guest's filesystems consistent, hang up the channel (the guest goes back
+/// to waiting for a host, so a resumed guest starts a fresh mux session), pause, save RAM and
+/// device state to `state/vm.state` (written aside, fsynced, renamed), and quit QEMU.
+pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
+    use crate::hypervisor::qmp::Qmp;
+    let job = capsem_proto::exec::ExecRequest {
+        command: capsem_proto::exec::Command::Shell("sync".into()),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        timeout_ms: Some(30_000),
+    };
+    inst.guest
+        .exec(&job)
+        .await
+        .map_err(|e| format!("syncing the guest failed: {e}"))?;
+    let serial = inst.dir.join("serial.log");
+    let waits = |t: &str| t.matches("waiting for the host").count();
+    let before = waits(&std::fs::read_to_string(&serial).unwrap_or_default());
+    inst.suspending
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = inst.hangup.shutdown(std::net::Shutdown::Both);
+    // Let the agent see the hang-up before the machine stops (it says so on the console).
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end
+        && waits(&std::fs::read_to_string(&serial).unwrap_or_default()) <= before
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dir = inst.dir.join(STATE_DIR);
+    crate::paths::private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tmp = dir.join("vm.state.partial");
+    let mut q = Qmp::connect(&inst.dir.join("qmp.sock"), CONNECT_LIMIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    q.execute("stop", serde_json::Value::Null)
+        .await
+        .map_err(|e| e.to_string())?;
+    let quoted = tmp.display().to_string().replace('\'', "'\\''");
+    q.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("exec:cat > '{quoted}'") }),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    loop {
+        let r = q
+            .execute("query-migrate", serde_json::Value::Null)
+            .await
+            .map_err(|e| e.to_string())?;
+        match r["status"].as_str().unwrap_or("") {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                // The channel is gone: nothing useful can run on; the caller sees the error
+                // and the session ends as crashed, its disk intact.
+                let _ = q.execute("quit", serde_json::Value::Null).await;
+                return Err(format!(
+                    "saving the VM state failed: {}",
+                    r["error-desc"].as_str().unwrap_or("unknown error")
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let size = std::fs::File::open(&tmp)
+        .and_then(|f| {
+            f.sync_all()?;
+            f.metadata()
+        })
+        .map(|m| m.len())
+        .map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
+    let state = dir.join(STATE_FILE);
+    std::fs::rename(&tmp, &state).map_err(|e| format!("cannot save {}: {e}", state.display()))?;
+    let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
+    inst.saved.notify_one();
+    Ok(size)
 }

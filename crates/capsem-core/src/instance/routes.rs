@@ -38,6 +38,7 @@ pub(crate) fn router(inst: Arc<Instance>) -> Router {
         .route("/files/write", post(write_file))
         .route("/bench/echo", post(echo_bench))
         .route("/kill", post(kill))
+        .route("/suspend", post(suspend))
         .route("/shutdown", post(shutdown))
         .with_state(inst)
 }
@@ -275,6 +276,21 @@ async fn echo_bench(
         samples_us.push(d.as_micros() as u64);
     }
     Ok(Json(EchoBenchResponse { samples_us }))
+}
+
+/// Save the VM to disk and end (the process exits when QEMU does).
+async fn suspend(State(inst): State<Arc<Instance>>) -> ApiResult<crate::api::SuspendResponse> {
+    let started = std::time::Instant::now();
+    match super::suspend(&inst).await {
+        Ok(state_bytes) => {
+            inst.stop.notify_one();
+            Ok(Json(crate::api::SuspendResponse {
+                state_bytes,
+                took_ms: started.elapsed().as_millis() as u64,
+            }))
+        }
+        Err(message) => Err(HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, message)),
+    }
 }
 
 async fn kill(State(inst): State<Arc<Instance>>) -> Json<serde_json::Value> {

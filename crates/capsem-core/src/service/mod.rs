@@ -111,8 +111,16 @@ impl Service {
                 }
                 Err(_) => {
                     let (_tx, rx) = watch::channel(true);
-                    self.insert_adopted(record, Status::Crashed, None, rx, None)
-                        .await;
+                    let suspended = dir
+                        .join(crate::instance::STATE_DIR)
+                        .join(crate::instance::STATE_FILE)
+                        .is_file();
+                    let status = if suspended {
+                        Status::Suspended
+                    } else {
+                        Status::Crashed
+                    };
+                    self.insert_adopted(record, status, None, rx, None).await;
                 }
             }
         }
@@ -280,6 +288,18 @@ impl Service {
                 return Err(e);
             }
         };
+        self.mark_running(&id, spawned, exited_tx, exited_rx).await;
+        self.info(&id).await
+    }
+
+    /// A session's process is up: record it, and watch for its end.
+    async fn mark_running(
+        &self,
+        id: &str,
+        spawned: spawn::Spawned,
+        exited_tx: watch::Sender<bool>,
+        exited_rx: watch::Receiver<bool>,
+    ) {
         let mut child = spawned.child;
         let pid = child.id();
         tokio::spawn(async move {
@@ -288,15 +308,125 @@ impl Service {
         });
         {
             let mut map = self.inner.sessions.lock().await;
-            if let Some(e) = map.get_mut(&id) {
+            if let Some(e) = map.get_mut(id) {
                 e.status = Status::Running;
                 e.vm = Some(spawned.info);
                 e.started = Instant::now();
                 e.pid = pid;
+                e.exited = exited_rx.clone();
+                // A fresh pool: connections to a previous process of this session are dead.
+                e.client = UdsClient::new(self.home().instance_socket(id));
             }
         }
-        self.watch_exit(id.clone(), exited_rx);
-        self.info(&id).await
+        self.watch_exit(id.to_string(), exited_rx);
+    }
+
+    /// Suspend a running persistent session: its RAM and device state go to disk, its process
+    /// and QEMU end, and `resume` continues it.
+    pub async fn suspend(&self, query: &str) -> Result<SessionInfo, HttpError> {
+        let id = self.resolve(query).await?;
+        let (client, mut exited) = {
+            let mut map = self.inner.sessions.lock().await;
+            let e = map
+                .get_mut(&id)
+                .ok_or_else(|| HttpError::not_found(query))?;
+            if !e.record.persistent {
+                return Err(HttpError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "only persistent sessions can be suspended: keep this one first with `capsem persist {} NAME`",
+                        e.record.display_name()
+                    ),
+                ));
+            }
+            if e.status != Status::Running {
+                return Err(HttpError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "session {} is {}, not running",
+                        e.record.display_name(),
+                        e.status.as_str()
+                    ),
+                ));
+            }
+            e.status = Status::Suspending;
+            (e.client.clone(), e.exited.clone())
+        };
+        let saved = client
+            .post::<_, api::SuspendResponse>("/suspend", &serde_json::json!({}))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        let mut map = self.inner.sessions.lock().await;
+        let e = map
+            .get_mut(&id)
+            .ok_or_else(|| HttpError::not_found(query))?;
+        e.vm = None;
+        e.pid = None;
+        match saved {
+            Ok(r) => {
+                tracing::info!(%id, bytes = r.state_bytes, ms = r.took_ms, "session suspended");
+                e.status = Status::Suspended;
+                Ok(session_info(e))
+            }
+            Err(err) => {
+                e.status = Status::Crashed;
+                Err(HttpError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("suspend failed: {}; the session's disk is intact, `capsem resume` boots it", crate::error_chain(&err)),
+                ))
+            }
+        }
+    }
+
+    /// Resume a suspended session from its saved state (or a crashed persistent one from its
+    /// disk); a running session is returned as it is.
+    pub async fn resume(&self, query: &str) -> Result<SessionInfo, HttpError> {
+        let id = self.resolve(query).await?;
+        {
+            let mut map = self.inner.sessions.lock().await;
+            let e = map
+                .get_mut(&id)
+                .ok_or_else(|| HttpError::not_found(query))?;
+            match e.status {
+                Status::Running => return Ok(session_info(e)),
+                Status::Suspended | Status::Crashed if e.record.persistent => {
+                    e.status = Status::Creating;
+                }
+                other => {
+                    return Err(HttpError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "session {} is {}; it cannot be resumed",
+                            e.record.display_name(),
+                            other.as_str()
+                        ),
+                    ))
+                }
+            }
+        }
+        let started = async {
+            self.assets()?;
+            let accel = self.accel().await?;
+            spawn::start(self.home(), &id, accel, BOOT_LIMIT)
+                .await
+                .map_err(|e| {
+                    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
+                })
+        }
+        .await;
+        match started {
+            Ok(spawned) => {
+                let (tx, rx) = watch::channel(false);
+                self.mark_running(&id, spawned, tx, rx).await;
+                self.info(&id).await
+            }
+            Err(e) => {
+                if let Some(entry) = self.inner.sessions.lock().await.get_mut(&id) {
+                    entry.status = Status::Crashed;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// When a session's process ends without being asked, mark it crashed (persistent) or
@@ -307,8 +437,11 @@ impl Service {
             let _ = exited.wait_for(|e| *e).await;
             let mut map = svc.inner.sessions.lock().await;
             let Some(e) = map.get_mut(&id) else { return };
-            if e.status == Status::Stopping {
-                return; // delete owns the cleanup
+            if matches!(
+                e.status,
+                Status::Stopping | Status::Suspending | Status::Suspended
+            ) {
+                return; // delete or suspend owns what happens next
             }
             if e.record.persistent {
                 tracing::warn!(%id, "session process exited; marking crashed");
@@ -521,10 +654,10 @@ impl Service {
                 map.get(id).map(|e| e.record.persistent).unwrap_or(false)
             };
             if persistent {
-                let client = UdsClient::new(self.home().instance_socket(id));
-                let _ = client
-                    .post::<_, serde_json::Value>("/shutdown", &serde_json::json!({}))
-                    .await;
+                // Nothing is lost: a running persistent session is suspended.
+                if let Err(e) = self.suspend(id).await {
+                    tracing::warn!(%id, error = %e.message, "could not suspend at shutdown");
+                }
             } else {
                 let _ = self.delete(id).await;
             }

@@ -33,6 +33,8 @@ pub fn router(svc: Service) -> Router {
         .route("/vms/{id}/logs", get(logs))
         .route("/vms/{id}/delete", delete(remove))
         .route("/vms/{id}/persist", post(persist))
+        .route("/vms/{id}/suspend", post(suspend))
+        .route("/vms/{id}/resume", post(resume))
         .route("/vms/{id}", delete(remove))
         .route("/vms/{id}/exec", post(forward))
         .route("/vms/{id}/files/read", post(forward))
@@ -138,6 +140,18 @@ async fn persist(
 ) -> ApiResult<SessionInfo> {
     let req: crate::api::PersistRequest = parse(&body)?;
     svc.persist(&id, &req.name).await.map(Json)
+}
+
+async fn suspend(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<SessionInfo> {
+    detached("suspend", async move { svc.suspend(&id).await })
+        .await
+        .map(Json)
+}
+
+async fn resume(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<SessionInfo> {
+    detached("resume", async move { svc.resume(&id).await })
+        .await
+        .map(Json)
 }
 
 async fn purge(State(svc): State<Service>, body: Bytes) -> ApiResult<PurgeResponse> {

@@ -35,6 +35,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs(a) => logs::run(&target, a).await,
         Command::Delete(a) => delete::run(&target, a).await,
         Command::Persist(a) => persist::run(&target, a).await,
+        Command::Suspend(a) => persist::suspend(&target, &a.session).await,
+        Command::Resume(a) => persist::resume(&target, &a.session).await,
         Command::Purge(a) => purge::run(&target, a).await,
         Command::Setup(a) => setup::setup(&target, a).await,
         Command::Image(ImageCommand::Build(a)) => setup::image_build(&target, a).await,
