@@ -5,6 +5,14 @@ use std::time::{Duration, Instant};
 
 use capsem_e2e::{stderr, Env};
 
+/// These tests kill, suspend and resume VMs and time what follows: one at a time, so that
+/// no other test's VMs compete for the two cores while they do.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn status_of(env: &Env, name: &str) -> String {
     let json: serde_json::Value = serde_json::from_str(&env.ok(&["info", name, "--json"])).unwrap();
     json["status"].as_str().unwrap_or("").to_string()
@@ -12,9 +20,12 @@ fn status_of(env: &Env, name: &str) -> String {
 
 #[test]
 fn kill_9_of_the_service_loses_no_session() {
+    let _one_at_a_time = serial();
     let Some(env) = Env::new() else { return };
-    env.ok(&["create", "keep", "--ram", "1"]);
-    env.ok(&["exec", "keep", "echo still here > /root/note"]);
+    for name in ["keep", "keep2", "keep3"] {
+        env.ok(&["create", name, "--ram", "1", "--cpu", "1"]);
+        env.ok(&["exec", name, "echo still here > /root/note"]);
+    }
     let pid: i32 = std::fs::read_to_string(env.path().join("run/service.pid"))
         .unwrap()
         .trim()
@@ -32,14 +43,31 @@ fn kill_9_of_the_service_loses_no_session() {
                 .unwrap_or(true))
     );
     // The next command starts a new service, which adopts the running VM.
-    assert_eq!(env.ok(&["exec", "keep", "cat /root/note"]), "still here\n");
-    assert_eq!(status_of(&env, "keep"), "running");
-    assert_eq!(env.ids().len(), 1);
-    env.ok(&["delete", "keep"]);
+    for name in ["keep", "keep2", "keep3"] {
+        assert_eq!(env.ok(&["exec", name, "cat /root/note"]), "still here\n");
+        assert_eq!(status_of(&env, name), "running");
+    }
+    assert_eq!(env.ids().len(), 3);
+    // kill -9 of one session's process: that one is crashed within 5 s, the others untouched.
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["info", "keep2", "--json"])).unwrap();
+    let process = json["vm"]["process_pid"].as_i64().unwrap() as i32;
+    // SAFETY: signalling a process of this test's own home.
+    unsafe { libc::kill(process, libc::SIGKILL) };
+    assert!(
+        env.wait_until(Duration::from_secs(5), || status_of(&env, "keep2")
+            == "crashed")
+    );
+    assert_eq!(env.ok(&["exec", "keep", "echo ok"]), "ok\n");
+    assert_eq!(env.ok(&["exec", "keep3", "echo ok"]), "ok\n");
+    for name in ["keep", "keep2", "keep3"] {
+        env.ok(&["delete", name]);
+    }
 }
 
 #[test]
 fn a_killed_vm_is_marked_crashed_within_5_seconds() {
+    let _one_at_a_time = serial();
     let Some(env) = Env::new() else { return };
     env.ok(&["create", "fragile", "--ram", "1"]);
     env.ok(&["exec", "fragile", "echo kept > /root/note; sync"]);
@@ -68,6 +96,7 @@ fn a_killed_vm_is_marked_crashed_within_5_seconds() {
 
 #[test]
 fn ten_racing_creates_of_one_name_make_one_session() {
+    let _one_at_a_time = serial();
     let Some(env) = Env::new() else { return };
     // Start the service first so the racers do not also race to start it.
     env.ok(&["start"]);
@@ -89,6 +118,7 @@ fn ten_racing_creates_of_one_name_make_one_session() {
 
 #[test]
 fn persist_keeps_a_temporary_session_even_mid_run() {
+    let _one_at_a_time = serial();
     let Some(env) = Env::new() else { return };
     // A detached session without a name is temporary: purge would take it.
     let id = env.ok(&["create", "--ram", "1"]).trim().to_string();
@@ -137,6 +167,7 @@ fn persist_keeps_a_temporary_session_even_mid_run() {
 
 #[test]
 fn suspend_saves_ram_and_resume_continues_where_it_stopped() {
+    let _one_at_a_time = serial();
     let Some(env) = Env::new() else { return };
     env.ok(&["create", "nap", "--ram", "1"]);
     // State that lives only in RAM: a tmpfs file and a running process.
@@ -151,6 +182,13 @@ fn suspend_saves_ram_and_resume_continues_where_it_stopped() {
         "nohup sleep 1000 > /dev/null 2>&1 & echo $! > /tmp/sleeper",
     ]);
     let pid = env.ok(&["exec", "nap", "cat /tmp/sleeper"]);
+    let uptime = |env: &Env| -> f64 {
+        env.ok(&["exec", "nap", "cut -d' ' -f1 /proc/uptime"])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = uptime(&env);
 
     // Only persistent sessions can be suspended.
     let tmp = env.ok(&["create", "--ram", "1"]).trim().to_string();
@@ -189,6 +227,8 @@ fn suspend_saves_ram_and_resume_continues_where_it_stopped() {
         "alive\n"
     );
     assert!(!state.exists(), "the state is consumed by the resume");
+    let after = uptime(&env);
+    assert!(after >= before, "uptime reset: {before} -> {after}");
     // Resume of a running session returns at once.
     env.ok(&["resume", "nap"]);
     env.ok(&["delete", "nap"]);
@@ -196,6 +236,7 @@ fn suspend_saves_ram_and_resume_continues_where_it_stopped() {
 
 #[test]
 fn service_stop_suspends_and_a_bad_state_boots_cold() {
+    let _one_at_a_time = serial();
     let Some(env) = Env::new() else { return };
     env.ok(&["create", "keeper", "--ram", "1"]);
     let tmp = env.ok(&["create", "--ram", "1"]).trim().to_string();
@@ -207,6 +248,7 @@ fn service_stop_suspends_and_a_bad_state_boots_cold() {
     // Stopping the service: the temporary session is destroyed, the persistent one suspended.
     env.ok(&["stop"]);
     assert!(env.processes("qemu-system").is_empty(), "QEMU left running");
+    env.ok(&["start"]);
     assert_eq!(env.ids().len(), 1, "the temporary session should be gone");
     assert!(!env.ids().contains(&tmp));
     assert_eq!(status_of(&env, "keeper"), "suspended");

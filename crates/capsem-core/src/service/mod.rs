@@ -479,14 +479,17 @@ impl Service {
         let mut info = session_info(e);
         drop(map);
         let db = self.home().session_dir(&id).join(crate::telemetry::DB_FILE);
-        info.telemetry = Some(
-            tokio::task::spawn_blocking(move || crate::telemetry::summary(&db))
-                .await
-                .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                .map_err(|e| {
-                    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
-                })?,
-        );
+        // The record is a summary beside the session: reading it never fails `info`.
+        info.telemetry = match tokio::task::spawn_blocking(move || crate::telemetry::summary(&db))
+            .await
+        {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                tracing::warn!(%id, error = %crate::error_chain(&e), "session record unreadable");
+                None
+            }
+            Err(_) => None,
+        };
         Ok(info)
     }
 

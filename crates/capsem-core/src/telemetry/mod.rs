@@ -280,6 +280,10 @@ pub fn summary(path: &Path) -> Result<Summary, TelemetryError> {
     )
     .map_err(q)?;
     let count = |sql: &str| -> rusqlite::Result<u64> { db.query_row(sql, [], |r| r.get(0)) };
+    // A session whose record is still being created has no tables yet.
+    if count("SELECT COUNT(*) FROM sqlite_master WHERE name = 'model_calls'").map_err(q)? == 0 {
+        return Ok(Summary::default());
+    }
     let mut s = Summary {
         requests_allowed: count("SELECT COUNT(*) FROM net_events WHERE decision = 'allow'")
             .map_err(q)?,
