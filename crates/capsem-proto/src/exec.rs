@@ -36,6 +36,10 @@ pub enum ExecInput {
     Kill,
 }
 
+/// The first byte of an encoded [`ExecEvent::Exit`] (its variant index): lets a relay spot the
+/// exit frame without decoding the output frames. Pinned by `tests/wire_contract.rs`.
+pub const EXIT_TAG: u8 = 3;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ExecEvent {
     Started {

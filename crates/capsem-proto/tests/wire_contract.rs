@@ -19,6 +19,19 @@ fn hex<T: serde::Serialize>(msg: &T) -> String {
 }
 
 #[test]
+fn exit_tag_leads_the_exit_frame() {
+    let body = frame::encode(&ExecEvent::Exit(ExecExit {
+        status: ExitStatus::Code(0),
+        timed_out: false,
+        spawn_to_exit_us: 0,
+    }))
+    .unwrap();
+    assert_eq!(body[4], capsem_proto::exec::EXIT_TAG);
+    let out = frame::encode(&ExecEvent::Stdout(ByteBuf::from(vec![3u8]))).unwrap();
+    assert_ne!(out[4], capsem_proto::exec::EXIT_TAG);
+}
+
+#[test]
 fn protocol_version_is_pinned() {
     assert_eq!(PROTOCOL_VERSION, 2);
 }

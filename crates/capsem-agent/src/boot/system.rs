@@ -2,6 +2,7 @@
 //! and `/dev/shm`, the `/dev/fd` links, `lo` up and the hostname.
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 use nix::mount::MsFlags;
 
@@ -90,28 +91,16 @@ struct IfReqAddr {
 
 /// `ip addr add ADDR/MASK dev NAME; ip link set NAME up`, with ioctls.
 fn set_addr_up(name: &[u8], addr: [u8; 4], mask: [u8; 4]) -> io::Result<()> {
-    // SAFETY: a socket we own and close; the ioctls read/write ifreq-shaped structs we own.
+    let s = ioctl_socket()?;
+    // SAFETY: all-zero is a valid ifreq; the ioctls read the struct we own.
     unsafe {
-        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if s < 0 {
-            return Err(io::Error::last_os_error());
-        }
         let mut req: IfReqAddr = std::mem::zeroed();
-        for (i, b) in name.iter().enumerate() {
-            req.name[i] = *b as libc::c_char;
-        }
+        set_name(&mut req.name, name);
         req.addr.sin_family = libc::AF_INET as libc::sa_family_t;
         req.addr.sin_addr.s_addr = u32::from_ne_bytes(addr);
-        let mut r = libc::ioctl(s, libc::SIOCSIFADDR as _, &req);
-        if r == 0 {
-            req.addr.sin_addr.s_addr = u32::from_ne_bytes(mask);
-            r = libc::ioctl(s, libc::SIOCSIFNETMASK as _, &req);
-        }
-        let err = io::Error::last_os_error();
-        libc::close(s);
-        if r < 0 {
-            return Err(err);
-        }
+        check(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFADDR as _, &req))?;
+        req.addr.sin_addr.s_addr = u32::from_ne_bytes(mask);
+        check(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFNETMASK as _, &req))?;
     }
     if_up(name)
 }
@@ -121,27 +110,43 @@ fn loopback_up() -> io::Result<()> {
     if_up(b"lo")
 }
 
+/// `ip link set NAME up`: read the flags, add UP and RUNNING.
 fn if_up(name: &[u8]) -> io::Result<()> {
-    // SAFETY: a socket we own and close; the ioctls read/write an ifreq-shaped struct we own.
+    let s = ioctl_socket()?;
+    // SAFETY: all-zero is a valid ifreq; the ioctls read/write the struct we own.
     unsafe {
-        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if s < 0 {
-            return Err(io::Error::last_os_error());
-        }
         let mut req: IfReq = std::mem::zeroed();
-        for (i, b) in name.iter().enumerate() {
-            req.name[i] = *b as libc::c_char;
-        }
-        let mut r = libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req);
-        if r == 0 {
-            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            r = libc::ioctl(s, libc::SIOCSIFFLAGS as _, &req);
-        }
-        let err = io::Error::last_os_error();
-        libc::close(s);
-        if r < 0 {
-            return Err(err);
-        }
+        set_name(&mut req.name, name);
+        check(libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCGIFFLAGS as _,
+            &mut req,
+        ))?;
+        req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        check(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req))?;
     }
     Ok(())
+}
+
+/// A datagram socket for interface ioctls (closed when dropped).
+fn ioctl_socket() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: socket() has no memory arguments; a valid fd is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd)?;
+    // SAFETY: fd was just returned by socket() and is owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+fn set_name(field: &mut [libc::c_char; libc::IFNAMSIZ], name: &[u8]) {
+    for (d, b) in field.iter_mut().zip(name.iter().take(libc::IFNAMSIZ - 1)) {
+        *d = *b as libc::c_char;
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -371,7 +371,8 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = inst.hangup.shutdown(std::net::Shutdown::Both);
     // Let the agent see the hang-up before the machine stops (it says so on the console).
-    let end = Instant::now() + Duration::from_secs(3);
+    // (A state saved before it did would resume into a stale mux session.)
+    let end = Instant::now() + Duration::from_secs(10);
     while Instant::now() < end
         && waits(&std::fs::read_to_string(&serial).unwrap_or_default()) <= before
     {

@@ -216,7 +216,7 @@ where
                 break;
             }
             // Only the Exit frame is decoded (its variant index leads the payload).
-            if buf.first() == Some(&3) {
+            if buf.first() == Some(&capsem_proto::exec::EXIT_TAG) {
                 if let Ok(ExecEvent::Exit(e)) = frame::decode::<ExecEvent>(&buf) {
                     exit = Some(e);
                 }

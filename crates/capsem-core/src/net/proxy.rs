@@ -251,15 +251,6 @@ impl Conn {
             // Read usage from plain bytes: ask the upstream not to compress.
             req.headers_mut().remove(header::ACCEPT_ENCODING);
         }
-        let tls = if self.sni.is_some() {
-            match self.net.upstream_tls(&policy) {
-                Ok(c) => Some(c),
-                Err(e) => return text(StatusCode::BAD_GATEWAY, format!("capsem: {e}\n")),
-            }
-        } else {
-            None
-        };
-        drop(policy);
 
         let guest_upgrade = req
             .headers()
@@ -272,17 +263,27 @@ impl Conn {
         };
         let mut sender = match reuse {
             Some(s) => s,
-            None => match connect_upstream(&host, &target, tls).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("capsem: cannot reach {host} ({target}): {e}\n"),
-                    );
+            None => {
+                // Only a new upstream connection needs the TLS configuration (a cached one,
+                // checked against the extra bundle's mtime).
+                let tls = match self.sni.is_some().then(|| self.net.upstream_tls(&policy)) {
+                    Some(Err(e)) => return text(StatusCode::BAD_GATEWAY, format!("capsem: {e}\n")),
+                    Some(Ok(c)) => Some(c),
+                    None => None,
+                };
+                match connect_upstream(&host, &target, tls).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("capsem: cannot reach {host} ({target}): {e}\n"),
+                        );
+                    }
                 }
-            },
+            }
         };
+        drop(policy);
         to_http1(&mut req, &host);
         let bytes_up = Arc::new(AtomicU64::new(0));
         let req = req.map(|b| {

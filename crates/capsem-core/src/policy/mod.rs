@@ -382,11 +382,7 @@ pub fn write_preset(path: &Path, preset: Preset) -> Result<(), PolicyError> {
             message: "`network` is not a table".into(),
         });
     };
-    let name = match preset {
-        Preset::Medium => "medium",
-        Preset::High => "high",
-    };
-    table.insert("preset".into(), toml::Value::String(name.into()));
+    table.insert("preset".into(), toml::Value::String(preset.as_str().into()));
     let out = toml::to_string(&doc).map_err(|e| PolicyError::Parse {
         origin,
         message: e.to_string(),

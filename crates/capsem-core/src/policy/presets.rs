@@ -36,6 +36,13 @@ pub const DEV_HOSTS: &[&str] = &[
 ];
 
 impl Preset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preset::Medium => "medium",
+            Preset::High => "high",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Preset> {
         match s {
             "medium" => Some(Preset::Medium),

@@ -340,14 +340,7 @@ impl Service {
                 ));
             }
             if e.status != Status::Running {
-                return Err(HttpError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "session {} is {}, not running",
-                        e.record.display_name(),
-                        e.status.as_str()
-                    ),
-                ));
+                return Err(not_running(e));
             }
             e.status = Status::Suspending;
             (e.client.clone(), e.exited.clone())
@@ -506,14 +499,7 @@ impl Service {
         let map = self.inner.sessions.lock().await;
         let e = map.get(&id).ok_or_else(|| HttpError::not_found(query))?;
         if e.status != Status::Running {
-            return Err(HttpError::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "session {} is {}, not running",
-                    e.record.display_name(),
-                    e.status.as_str()
-                ),
-            ));
+            return Err(not_running(e));
         }
         Ok((id, e.client.clone()))
     }
@@ -749,6 +735,18 @@ fn watch_pid(pid: u32) -> watch::Receiver<bool> {
 
 fn unavailable(e: impl std::error::Error) -> HttpError {
     HttpError::new(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
+}
+
+/// 409 for an operation that needs a running session.
+fn not_running(e: &Entry) -> HttpError {
+    HttpError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "session {} is {}, not running",
+            e.record.display_name(),
+            e.status.as_str()
+        ),
+    )
 }
 
 /// 409 when a session other than `id` already has `name`.

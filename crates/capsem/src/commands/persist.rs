@@ -24,37 +24,36 @@ pub async fn run(target: &Target, a: PersistArgs) -> anyhow::Result<i32> {
 }
 
 pub async fn suspend(target: &Target, session: &str) -> anyhow::Result<i32> {
-    let client = target.connect().await?;
-    let pb = crate::progress::spinner("saving the VM to disk");
-    let r: anyhow::Result<SessionInfo> = client
-        .post(
-            &format!("/vms/{}/suspend", super::seg(session)),
-            &serde_json::json!({}),
-        )
-        .await
-        .map_err(Into::into);
-    pb.finish_and_clear();
-    let info = r?;
+    let info = post_with_spinner(target, session, "suspend", "saving the VM to disk").await?;
     println!("suspended {}", info.name.as_deref().unwrap_or(&info.id));
     Ok(0)
 }
 
 pub async fn resume(target: &Target, session: &str) -> anyhow::Result<i32> {
-    let client = target.connect().await?;
-    let pb = crate::progress::spinner("resuming");
-    let r: anyhow::Result<SessionInfo> = client
-        .post(
-            &format!("/vms/{}/resume", super::seg(session)),
-            &serde_json::json!({}),
-        )
-        .await
-        .map_err(Into::into);
-    pb.finish_and_clear();
-    let info = r?;
+    let info = post_with_spinner(target, session, "resume", "resuming").await?;
     println!(
         "{} is {}",
         info.name.as_deref().unwrap_or(&info.id),
         info.status.as_str()
     );
     Ok(0)
+}
+
+/// `POST /vms/<session>/<action>` with a spinner while the service works.
+async fn post_with_spinner(
+    target: &Target,
+    session: &str,
+    action: &str,
+    doing: &str,
+) -> anyhow::Result<SessionInfo> {
+    let client = target.connect().await?;
+    let pb = crate::progress::spinner(doing);
+    let r = client
+        .post(
+            &format!("/vms/{}/{action}", super::seg(session)),
+            &serde_json::json!({}),
+        )
+        .await;
+    pb.finish_and_clear();
+    Ok(r?)
 }
