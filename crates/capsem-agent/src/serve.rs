@@ -205,6 +205,7 @@ where
                 if mode == Mode::Vm {
                     // Let the reply leave the virtqueue before the machine goes away.
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                    power::quiesce();
                     if reboot {
                         power::reboot();
                     }

@@ -58,6 +58,8 @@ pub enum Status {
     Suspended,
     /// Being saved to disk.
     Suspending,
+    /// Rebooting (`restart`).
+    Restarting,
 }
 
 impl Status {
@@ -69,6 +71,7 @@ impl Status {
             Status::Crashed => "crashed",
             Status::Suspended => "suspended",
             Status::Suspending => "suspending",
+            Status::Restarting => "restarting",
         }
     }
 }
@@ -204,6 +207,46 @@ pub struct DeleteResponse {
 pub struct SuspendResponse {
     pub state_bytes: u64,
     pub took_ms: u64,
+}
+
+/// The per-VM `POST /freeze`: the disk layer now frozen (the VM writes a new one above it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FreezeResponse {
+    pub frozen: u32,
+    pub took_ms: u64,
+}
+
+/// `POST /vms/{id}/fork`: a point-in-time copy of the session's disk, kept as image `name`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ForkRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// One fork image as `image list` and `fork` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageInfo {
+    pub name: String,
+    pub description: String,
+    /// The session it was forked from.
+    pub source: String,
+    pub created_at: u64,
+    pub asset_version: String,
+    pub ram_mb: u32,
+    pub cpus: u32,
+    /// Bytes its disk layers take (layers shared with sessions are counted in full).
+    pub size_bytes: u64,
+    /// Sessions created from it.
+    pub used_by: Vec<String>,
+    /// How long the fork took (only in the reply to `fork`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageListResponse {
+    pub images: Vec<ImageInfo>,
 }
 
 /// `POST /vms/{id}/persist`: name a session and keep it (its disk and record outlive its

@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod channel;
+pub mod disk;
+pub mod forks;
 pub mod hypervisor;
 pub mod image;
 pub mod instance;

@@ -48,6 +48,13 @@ impl Home {
     pub fn session_dir(&self, id: &str) -> PathBuf {
         self.sessions_dir().join(id)
     }
+    /// Fork images (`images/<name>/{image.json,disk*.qcow2}`).
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn image_dir(&self, name: &str) -> PathBuf {
+        self.images_dir().join(name)
+    }
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
     }
@@ -83,6 +90,7 @@ impl Home {
         for dir in [
             self.root.clone(),
             self.sessions_dir(),
+            self.images_dir(),
             self.run_dir(),
             self.instances_dir(),
         ] {

@@ -20,6 +20,9 @@ pub struct SessionRecord {
     pub created_at: u64,
     /// The guest asset version this session's disk was made for.
     pub asset_version: String,
+    /// The fork image it was created from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image: Option<String>,
 }
 
 impl SessionRecord {
@@ -65,6 +68,7 @@ mod tests {
             env: vec![("A".into(), "b".into())],
             created_at: 1,
             asset_version: "0.1.0".into(),
+            from_image: Some("tmpl".into()),
         };
         r.save(t.path()).unwrap();
         assert_eq!(SessionRecord::load(t.path()).unwrap(), r);

@@ -40,13 +40,18 @@ pub enum Command {
     Persist(PersistArgs),
     /// Save a persistent session's RAM and CPU state to disk and stop its VM.
     Suspend(DeleteArgs),
-    /// Continue a suspended session where it stopped (a running one: returns at once).
+    /// Continue a suspended session where it stopped (a running one: returns at once; a fork
+    /// image's name: boot it as a persistent session of that name).
     Resume(DeleteArgs),
+    /// Reboot a persistent session with the same disk (a suspended one loses its RAM state).
+    Restart(DeleteArgs),
+    /// Copy a session's disk, as it is now, into an image for `create --from` or `resume`.
+    Fork(ForkArgs),
     /// Destroy all temporary sessions (with --all, persistent ones too).
     Purge(PurgeArgs),
     /// Build the guest image and prepare capsem for use.
     Setup(SetupArgs),
-    /// Guest image commands.
+    /// Guest image and fork image commands.
     #[command(subcommand)]
     Image(ImageCommand),
     /// Show the background service's status.
@@ -73,12 +78,15 @@ pub struct EnvArgs {
 pub struct CreateArgs {
     /// Name for the session (makes it persistent).
     pub name: Option<String>,
-    /// RAM in GB.
-    #[arg(long, default_value_t = 4)]
-    pub ram: u32,
-    /// CPU cores [default: 4, at most the host's core count].
+    /// RAM in GB [default: 4, or the source's with --from].
+    #[arg(long)]
+    pub ram: Option<u32>,
+    /// CPU cores [default: 4, at most the host's core count; or the source's with --from].
     #[arg(long)]
     pub cpu: Option<u32>,
+    /// Start from a copy of this fork image's (or persistent session's) disk.
+    #[arg(long, value_name = "NAME")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub env: EnvArgs,
     /// Print the new session as JSON.
@@ -167,6 +175,20 @@ pub struct PersistArgs {
 }
 
 #[derive(Args)]
+pub struct ForkArgs {
+    /// Name or id of the session to fork (running, suspended or crashed; it keeps running).
+    pub session: String,
+    /// Name of the new image.
+    pub name: String,
+    /// A description shown by `capsem image list`.
+    #[arg(short = 'd', long = "description", value_name = "TEXT")]
+    pub description: Option<String>,
+    /// Print the new image as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
 pub struct PurgeArgs {
     /// Also destroy persistent sessions.
     #[arg(long)]
@@ -195,6 +217,21 @@ pub struct SetupArgs {
 pub enum ImageCommand {
     /// Build (or refresh) the guest kernel, initrd and root filesystem.
     Build(ImageBuildArgs),
+    /// List fork images (made by `capsem fork`).
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Delete a fork image (refused while sessions made from it exist, unless --force).
+    #[command(alias = "rm")]
+    Delete(ImageDeleteArgs),
+}
+
+#[derive(Args)]
+pub struct ImageDeleteArgs {
+    /// Name of the image.
+    pub name: String,
+    /// Delete it even if sessions were made from it (they keep their own copy of its layers).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]

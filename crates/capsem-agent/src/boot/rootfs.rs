@@ -2,6 +2,7 @@
 //! ext4 upper, stack the overlay at `/mnt/root`, move `/dev`, `/proc`, `/sys` into it and switch
 //! root in place (this process keeps running; nothing is exec'ed).
 
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,16 @@ pub fn mount_disks() -> Result<(), BootError> {
         MsFlags::MS_NOATIME,
         Some("noinit_itable"),
     )?;
+    // Keep a handle on the disk's mount: after the switch it is hidden under the new root,
+    // and a clean power-off remounts it read-only through this handle.
+    if let Ok(fd) = nix::fcntl::open(
+        DISK,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        // SAFETY: `open` just returned this descriptor and nothing else owns it.
+        let _ = crate::power::DISK_MOUNT.set(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    }
     mkdir("/mnt/disk/upper")?;
     mkdir("/mnt/disk/work")?;
     mount(&dev(&rootfs), LOWER, "squashfs", MsFlags::MS_RDONLY, None)?;

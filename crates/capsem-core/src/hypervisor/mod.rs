@@ -80,10 +80,11 @@ pub struct RunningVm {
 pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
     fn accel(&self) -> Accel;
-    /// Create the session's writable disk as a copy-on-write layer over `base` (O(1)).
+    /// Create a writable qcow2 layer `disk` over `backing` (the raw base disk, or a frozen
+    /// qcow2 layer in the same directory): copy-on-write, O(1).
     fn create_disk(
         &self,
-        base: &std::path::Path,
+        backing: &std::path::Path,
         disk: &std::path::Path,
     ) -> Result<(), HypervisorError>;
     /// Start the VM. The returned child is killed if the calling process dies.

@@ -98,10 +98,21 @@ impl Hypervisor for Qemu {
         self.accel
     }
 
-    fn create_disk(&self, base: &Path, disk: &Path) -> Result<(), HypervisorError> {
+    fn create_disk(&self, backing: &Path, disk: &Path) -> Result<(), HypervisorError> {
+        let format = if backing.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        // A backing layer beside the disk is named relative to it, so the pair can be
+        // hard-linked into another directory together (see `crate::disk`).
+        let backing = match (backing.parent(), disk.parent(), backing.file_name()) {
+            (Some(a), Some(b), Some(name)) if a == b => Path::new(name),
+            _ => backing,
+        };
         let out = std::process::Command::new(&self.img)
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(base)
+            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+            .arg(backing)
             .arg(disk)
             .stdin(Stdio::null())
             .output()

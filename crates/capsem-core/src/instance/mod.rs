@@ -94,6 +94,10 @@ pub(crate) struct Instance {
     pub suspending: std::sync::atomic::AtomicBool,
     /// Notified once the suspend's state file is safely on disk.
     pub saved: Notify,
+    /// Serializes the operations that pause the VM (suspend, freeze).
+    pub ops: tokio::sync::Mutex<()>,
+    /// The backend (for new disk layers).
+    pub hv: Box<dyn hypervisor::Hypervisor>,
 }
 
 impl Instance {
@@ -151,11 +155,17 @@ where
     };
 
     tracing::debug!(id = %cfg.id, "instance: starting");
-    let disk = dir.join("disk.qcow2");
-    if !disk.exists() {
-        hv.create_disk(&assets.base_disk, &disk)?;
-        tracing::debug!(id = %cfg.id, "instance: disk created");
-    }
+    // The top layer of the session's disk chain (a clone arrives with its layers linked in).
+    let disk =
+        match crate::disk::top_path(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))? {
+            Some(top) => top,
+            None => {
+                let disk = dir.join(crate::disk::FIRST);
+                hv.create_disk(&assets.base_disk, &disk)?;
+                tracing::debug!(id = %cfg.id, "instance: disk created");
+                disk
+            }
+        };
     let channel_path = dir.join("channel.sock");
     let listener =
         crate::uds_http::bind_private(&channel_path).map_err(|source| InstanceError::Bind {
@@ -268,6 +278,8 @@ where
         hangup: channel.hangup,
         suspending: std::sync::atomic::AtomicBool::new(false),
         saved: Notify::new(),
+        ops: tokio::sync::Mutex::new(()),
+        hv,
     });
     if let Some(r) = ready.take() {
         r(Ok(&inst.info));
@@ -353,17 +365,8 @@ async fn continue_after_load(control: PathBuf) {
 /// device state to `state/vm.state` (written aside, fsynced, renamed), and quit QEMU.
 pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     use crate::hypervisor::qmp::Qmp;
-    let job = capsem_proto::exec::ExecRequest {
-        command: capsem_proto::exec::Command::Shell("sync".into()),
-        env: vec![],
-        cwd: None,
-        stdin: false,
-        timeout_ms: Some(30_000),
-    };
-    inst.guest
-        .exec(&job)
-        .await
-        .map_err(|e| format!("syncing the guest failed: {e}"))?;
+    let _op = inst.ops.lock().await;
+    guest_sync(inst).await?;
     let serial = inst.dir.join("serial.log");
     let waits = |t: &str| t.matches("waiting for the host").count();
     let before = waits(&std::fs::read_to_string(&serial).unwrap_or_default());
@@ -433,4 +436,72 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
     inst.saved.notify_one();
     Ok(size)
+}
+
+/// Flush the guest's page cache to its disk (so a pause or copy sees what programs wrote).
+async fn guest_sync(inst: &Instance) -> Result<(), String> {
+    let job = capsem_proto::exec::ExecRequest {
+        command: capsem_proto::exec::Command::Shell("sync".into()),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        timeout_ms: Some(30_000),
+    };
+    inst.guest
+        .exec(&job)
+        .await
+        .map(drop)
+        .map_err(|e| format!("syncing the guest failed: {e}"))
+}
+
+/// Freeze the running disk's top layer for a fork or clone: sync the guest, pause it, switch
+/// QEMU's writes to a new empty layer over the current top (QMP `blockdev-snapshot-sync` onto a
+/// layer made beforehand, so its backing name stays relative), continue. Returns the number of
+/// the layer now frozen; it and those below it never change again.
+pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
+    use crate::hypervisor::qmp::Qmp;
+    let _op = inst.ops.lock().await;
+    if inst.suspending.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err("the session is being suspended".into());
+    }
+    guest_sync(inst).await?;
+    let top = crate::disk::top(&inst.dir)
+        .map_err(|e| format!("cannot read the session's disk layers: {e}"))?
+        .ok_or("the session has no disk")?;
+    let below = inst.dir.join(crate::disk::layer_name(top));
+    let next = inst.dir.join(crate::disk::layer_name(top + 1));
+    inst.hv
+        .create_disk(&below, &next)
+        .map_err(|e| crate::error_chain(&e))?;
+    let switched = async {
+        let mut q = Qmp::connect(&inst.dir.join("qmp.sock"), CONNECT_LIMIT)
+            .await
+            .map_err(|e| e.to_string())?;
+        q.execute("stop", serde_json::Value::Null)
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = q
+            .execute(
+                "blockdev-snapshot-sync",
+                serde_json::json!({
+                    "device": "disk",
+                    "snapshot-file": next.display().to_string(),
+                    "format": "qcow2",
+                    "mode": "existing",
+                }),
+            )
+            .await
+            .map_err(|e| e.to_string());
+        let resumed = q.execute("cont", serde_json::Value::Null).await;
+        r?;
+        resumed.map_err(|e| format!("the VM did not continue after the copy: {e}"))?;
+        Ok::<(), String>(())
+    }
+    .await;
+    if let Err(e) = switched {
+        // QEMU still writes the old top (the switch is all or nothing): drop the unused layer.
+        let _ = std::fs::remove_file(&next);
+        return Err(format!("switching the disk to a new layer failed: {e}"));
+    }
+    Ok(top)
 }

@@ -39,6 +39,7 @@ pub(crate) fn router(inst: Arc<Instance>) -> Router {
         .route("/bench/echo", post(echo_bench))
         .route("/kill", post(kill))
         .route("/suspend", post(suspend))
+        .route("/freeze", post(freeze))
         .route("/shutdown", post(shutdown))
         .with_state(inst)
 }
@@ -291,6 +292,18 @@ async fn suspend(State(inst): State<Arc<Instance>>) -> ApiResult<crate::api::Sus
         }
         Err(message) => Err(HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, message)),
     }
+}
+
+/// Freeze the disk's current top layer (for a fork or clone) while the VM runs on.
+async fn freeze(State(inst): State<Arc<Instance>>) -> ApiResult<crate::api::FreezeResponse> {
+    let started = std::time::Instant::now();
+    let frozen = super::freeze(&inst)
+        .await
+        .map_err(|m| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, m))?;
+    Ok(Json(crate::api::FreezeResponse {
+        frozen,
+        took_ms: started.elapsed().as_millis() as u64,
+    }))
 }
 
 async fn kill(State(inst): State<Arc<Instance>>) -> Json<serde_json::Value> {

@@ -7,9 +7,14 @@
 //!   (create) ─▶ Creating ──ready──▶ Running ──delete/purge──▶ Stopping ─▶ (gone)
 //!                  └──boot failed──▶ (gone, directory removed)
 //!   Running ──process died──▶ Crashed (persistent; kept on disk) or (gone) (ephemeral)
+//!   Running ──suspend──▶ Suspending ─▶ Suspended ──resume──▶ Creating ─▶ Running
+//!   Running ──restart──▶ Restarting ─▶ Creating ─▶ Running      (persistent sessions only)
 //! ```
+//! Fork, clone (`create --from`) and the image verbs are in [`images`]. A session busy with a
+//! fork refuses other state changes with 409 until it is done.
 
 pub mod autostart;
+mod images;
 pub mod routes;
 pub mod spawn;
 
@@ -57,6 +62,8 @@ struct Entry {
     pid: Option<u32>,
     /// The VM's per-VM API (kept, so its connections are reused).
     client: UdsClient,
+    /// Set while an operation that must not overlap others (a fork's copy) runs.
+    busy: Option<&'static str>,
 }
 
 struct Inner {
@@ -88,6 +95,7 @@ impl Service {
     /// Take stock of what is on disk at start: adopt sessions whose process still answers, drop
     /// ephemeral leftovers, keep persistent ones.
     pub async fn adopt(&self) {
+        crate::forks::clean_staging(self.home());
         let Ok(dirs) = std::fs::read_dir(self.home().sessions_dir()) else {
             return;
         };
@@ -146,6 +154,7 @@ impl Service {
                 exited: exited.clone(),
                 pid,
                 client: UdsClient::new(self.home().instance_socket(&id)),
+                busy: None,
             },
         );
         drop(map);
@@ -211,8 +220,19 @@ impl Service {
         if let Some(name) = &req.name {
             names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
         }
-        let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
-        let cpus = req.cpus.unwrap_or_else(api::default_cpus);
+        // A clone starts from its source's disk and, unless told otherwise, its size.
+        let source = match &req.from {
+            Some(from) => Some(self.clone_source(from).await?),
+            None => None,
+        };
+        let ram_mb = req
+            .ram_mb
+            .or(source.as_ref().map(|s| s.ram_mb))
+            .unwrap_or(api::DEFAULT_RAM_MB);
+        let cpus = req
+            .cpus
+            .or(source.as_ref().map(|s| s.cpus))
+            .unwrap_or_else(api::default_cpus);
         if !(128..=api::MAX_RAM_MB).contains(&ram_mb) {
             return Err(HttpError::bad(format!(
                 "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"
@@ -229,13 +249,10 @@ impl Service {
                 "invalid environment variable name {k:?}: use letters, digits and '_'"
             )));
         }
-        if req.from.is_some() {
-            return Err(HttpError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "create --from needs fork images, which this build does not have yet",
-            ));
-        }
         let assets = self.assets()?;
+        if let Some(src) = &source {
+            src.check_assets(&assets.manifest.version)?;
+        }
         qemu::qemu_binary().map_err(unavailable)?;
         let accel = self.accel().await?;
 
@@ -249,6 +266,7 @@ impl Service {
             env: req.env.into_iter().collect(),
             created_at: now_secs(),
             asset_version: assets.manifest.version.clone(),
+            from_image: source.as_ref().and_then(|s| s.image.clone()),
         };
         let (exited_tx, exited_rx) = watch::channel(false);
         {
@@ -266,6 +284,7 @@ impl Service {
                     exited: exited_rx.clone(),
                     pid: None,
                     client: UdsClient::new(self.home().instance_socket(&id)),
+                    busy: None,
                 },
             );
         }
@@ -273,6 +292,9 @@ impl Service {
         let booted = async {
             crate::paths::private_dir(&dir).map_err(internal)?;
             record.save(&dir).map_err(internal)?;
+            if let Some(src) = &source {
+                self.clone_disk(src, &dir).await?;
+            }
             spawn::start(self.home(), &id, accel, BOOT_LIMIT)
                 .await
                 .map_err(|e| {
@@ -330,6 +352,7 @@ impl Service {
             let e = map
                 .get_mut(&id)
                 .ok_or_else(|| HttpError::not_found(query))?;
+            check_idle(e)?;
             if !e.record.persistent {
                 return Err(HttpError::new(
                     StatusCode::CONFLICT,
@@ -372,14 +395,32 @@ impl Service {
     }
 
     /// Resume a suspended session from its saved state (or a crashed persistent one from its
-    /// disk); a running session is returned as it is.
+    /// disk); a running session is returned as it is. A name that is no session but a fork
+    /// image boots that image as a new persistent session of that name.
     pub async fn resume(&self, query: &str) -> Result<SessionInfo, HttpError> {
-        let id = self.resolve(query).await?;
+        let id = match self.resolve(query).await {
+            Ok(id) => id,
+            Err(e)
+                if e.status == StatusCode::NOT_FOUND
+                    && crate::forks::exists(self.home(), query) =>
+            {
+                return self
+                    .create(CreateRequest {
+                        name: Some(query.to_string()),
+                        persistent: Some(true),
+                        from: Some(query.to_string()),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Err(e) => return Err(e),
+        };
         {
             let mut map = self.inner.sessions.lock().await;
             let e = map
                 .get_mut(&id)
                 .ok_or_else(|| HttpError::not_found(query))?;
+            check_idle(e)?;
             match e.status {
                 Status::Running => return Ok(session_info(e)),
                 Status::Suspended | Status::Crashed if e.record.persistent => {
@@ -389,7 +430,7 @@ impl Service {
                     return Err(HttpError::new(
                         StatusCode::CONFLICT,
                         format!(
-                            "session {} is {}; it cannot be resumed",
+                            "session {} is {}; it cannot be resumed now",
                             e.record.display_name(),
                             other.as_str()
                         ),
@@ -397,10 +438,84 @@ impl Service {
                 }
             }
         }
+        self.boot_existing(&id).await
+    }
+
+    /// Reboot a persistent session with the same disk. A suspended one drops its saved RAM
+    /// state and boots cold.
+    pub async fn restart(&self, query: &str) -> Result<SessionInfo, HttpError> {
+        let id = self.resolve(query).await?;
+        let running = {
+            let mut map = self.inner.sessions.lock().await;
+            let e = map
+                .get_mut(&id)
+                .ok_or_else(|| HttpError::not_found(query))?;
+            check_idle(e)?;
+            if !e.record.persistent {
+                return Err(HttpError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "only persistent sessions can be restarted (a temporary one's disk goes with its VM): keep this one first with `capsem persist {} NAME`",
+                        e.record.display_name()
+                    ),
+                ));
+            }
+            match e.status {
+                Status::Running => {
+                    e.status = Status::Restarting;
+                    Some((e.client.clone(), e.exited.clone(), e.pid))
+                }
+                Status::Suspended | Status::Crashed => {
+                    e.status = Status::Creating;
+                    None
+                }
+                other => {
+                    return Err(HttpError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "session {} is {}; it cannot be restarted now",
+                            e.record.display_name(),
+                            other.as_str()
+                        ),
+                    ))
+                }
+            }
+        };
+        if let Some((client, mut exited, pid)) = running {
+            // The guest syncs and powers off; QEMU is killed if it does not within the limit.
+            let _ = client
+                .post::<_, serde_json::Value>("/shutdown", &serde_json::json!({}))
+                .await;
+            let gone = tokio::time::timeout(Duration::from_secs(20), exited.wait_for(|e| *e))
+                .await
+                .is_ok();
+            if !gone {
+                if let Some(pid) = pid {
+                    tracing::warn!(%id, pid, "process did not stop for the restart; killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
+                }
+            }
+        }
+        let state = self
+            .home()
+            .session_dir(&id)
+            .join(crate::instance::STATE_DIR)
+            .join(crate::instance::STATE_FILE);
+        let _ = std::fs::remove_file(state);
+        self.boot_existing(&id).await
+    }
+
+    /// Start the process of an existing session (resume or restart); on failure it is crashed.
+    async fn boot_existing(&self, id: &str) -> Result<SessionInfo, HttpError> {
         let started = async {
             self.assets()?;
             let accel = self.accel().await?;
-            spawn::start(self.home(), &id, accel, BOOT_LIMIT)
+            spawn::start(self.home(), id, accel, BOOT_LIMIT)
                 .await
                 .map_err(|e| {
                     HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
@@ -410,12 +525,13 @@ impl Service {
         match started {
             Ok(spawned) => {
                 let (tx, rx) = watch::channel(false);
-                self.mark_running(&id, spawned, tx, rx).await;
-                self.info(&id).await
+                self.mark_running(id, spawned, tx, rx).await;
+                self.info(id).await
             }
             Err(e) => {
-                if let Some(entry) = self.inner.sessions.lock().await.get_mut(&id) {
+                if let Some(entry) = self.inner.sessions.lock().await.get_mut(id) {
                     entry.status = Status::Crashed;
+                    entry.vm = None;
                 }
                 Err(e)
             }
@@ -432,9 +548,9 @@ impl Service {
             let Some(e) = map.get_mut(&id) else { return };
             if matches!(
                 e.status,
-                Status::Stopping | Status::Suspending | Status::Suspended
+                Status::Stopping | Status::Suspending | Status::Suspended | Status::Restarting
             ) {
-                return; // delete or suspend owns what happens next
+                return; // delete, suspend or restart owns what happens next
             }
             if e.record.persistent {
                 tracing::warn!(%id, "session process exited; marking crashed");
@@ -554,6 +670,7 @@ impl Service {
                     ),
                 ));
             }
+            check_idle(e)?;
             e.status = Status::Stopping;
             (e.exited.clone(), e.pid)
         };
@@ -747,6 +864,20 @@ fn not_running(e: &Entry) -> HttpError {
             e.status.as_str()
         ),
     )
+}
+
+/// 409 while a session is busy with an operation that must not overlap (a fork's copy).
+fn check_idle(e: &Entry) -> Result<(), HttpError> {
+    match e.busy {
+        Some(what) => Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "session {} is busy {what}; try again when that is done",
+                e.record.display_name()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// 409 when a session other than `id` already has `name`.

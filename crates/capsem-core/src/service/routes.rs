@@ -13,8 +13,9 @@ use serde::Deserialize;
 
 use super::{DeleteOnDrop, HttpError, Service};
 use crate::api::{
-    CreateRequest, DeleteResponse, ListResponse, PurgeRequest, PurgeResponse, RunRequest,
-    SessionInfo, StatusResponse, StreamKind, VersionResponse, API_VERSION,
+    CreateRequest, DeleteResponse, ForkRequest, ImageInfo, ImageListResponse, ListResponse,
+    PurgeRequest, PurgeResponse, RunRequest, SessionInfo, StatusResponse, StreamKind,
+    VersionResponse, API_VERSION,
 };
 use crate::uds_http::{self, take_upgrade, UdsClient};
 
@@ -35,6 +36,10 @@ pub fn router(svc: Service) -> Router {
         .route("/vms/{id}/persist", post(persist))
         .route("/vms/{id}/suspend", post(suspend))
         .route("/vms/{id}/resume", post(resume))
+        .route("/vms/{id}/restart", post(restart))
+        .route("/vms/{id}/fork", post(fork))
+        .route("/images/list", get(images))
+        .route("/images/{name}", delete(delete_image))
         .route("/vms/{id}", delete(remove))
         .route("/vms/{id}/exec", post(forward))
         .route("/vms/{id}/files/read", post(forward))
@@ -152,6 +157,45 @@ async fn resume(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult
     detached("resume", async move { svc.resume(&id).await })
         .await
         .map(Json)
+}
+
+async fn restart(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult<SessionInfo> {
+    detached("restart", async move { svc.restart(&id).await })
+        .await
+        .map(Json)
+}
+
+async fn fork(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<ImageInfo> {
+    let req: ForkRequest = parse(&body)?;
+    detached("fork", async move {
+        svc.fork(&id, &req.name, req.description).await
+    })
+    .await
+    .map(Json)
+}
+
+async fn images(State(svc): State<Service>) -> Json<ImageListResponse> {
+    Json(ImageListResponse {
+        images: svc.images().await,
+    })
+}
+
+#[derive(Deserialize)]
+struct DeleteImageQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_image(
+    State(svc): State<Service>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteImageQuery>,
+) -> ApiResult<ImageInfo> {
+    svc.delete_image(&name, q.force).await.map(Json)
 }
 
 async fn purge(State(svc): State<Service>, body: Bytes) -> ApiResult<PurgeResponse> {

@@ -9,13 +9,17 @@ pub async fn run(target: &Target, a: CreateArgs) -> anyhow::Result<i32> {
     let req = CreateRequest {
         persistent: Some(a.name.is_some()),
         name: a.name,
-        ram_mb: Some(super::ram_mb(a.ram)?),
+        ram_mb: a.ram.map(super::ram_mb).transpose()?,
         cpus: super::cpus(a.cpu)?,
         env: super::env_map(&a.env)?,
-        from: None,
+        from: a.from,
     };
     let client = target.connect().await?;
-    let pb = crate::progress::spinner("booting session");
+    let pb = crate::progress::spinner(if req.from.is_some() {
+        "cloning and booting session"
+    } else {
+        "booting session"
+    });
     let res = client.post::<_, SessionInfo>("/vms/create", &req).await;
     pb.finish_and_clear();
     let info = res?;

@@ -5,6 +5,7 @@ mod completions;
 mod create;
 mod delete;
 mod exec;
+mod images;
 mod info;
 mod list;
 mod logs;
@@ -37,9 +38,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Persist(a) => persist::run(&target, a).await,
         Command::Suspend(a) => persist::suspend(&target, &a.session).await,
         Command::Resume(a) => persist::resume(&target, &a.session).await,
+        Command::Restart(a) => persist::restart(&target, &a.session).await,
+        Command::Fork(a) => images::fork(&target, a).await,
         Command::Purge(a) => purge::run(&target, a).await,
         Command::Setup(a) => setup::setup(&target, a).await,
         Command::Image(ImageCommand::Build(a)) => setup::image_build(&target, a).await,
+        Command::Image(ImageCommand::List(a)) => images::list(&target, a.json).await,
+        Command::Image(ImageCommand::Delete(a)) => images::delete(&target, a).await,
         Command::Status(a) => service::status(&target, a.json).await,
         Command::Start => service::start(&target).await,
         Command::Stop => service::stop(&target).await,
@@ -86,6 +91,25 @@ pub fn human_secs(s: u64) -> String {
         60..=3599 => format!("{}m {}s", s / 60, s % 60),
         _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
     }
+}
+
+/// Rows as left-aligned columns two spaces apart (the first row is the header).
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Path segment for a session query.

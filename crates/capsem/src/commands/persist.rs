@@ -1,5 +1,5 @@
 //! The persistence commands: `persist SESSION NAME` (keep a session, also a temporary one
-//! mid-run, under a name), `suspend SESSION` and `resume SESSION`.
+//! mid-run, under a name), `suspend SESSION`, `resume SESSION` and `restart SESSION`.
 
 use capsem_core::api::{PersistRequest, SessionInfo};
 
@@ -33,6 +33,16 @@ pub async fn resume(target: &Target, session: &str) -> anyhow::Result<i32> {
     let info = post_with_spinner(target, session, "resume", "resuming").await?;
     println!(
         "{} is {}",
+        info.name.as_deref().unwrap_or(&info.id),
+        info.status.as_str()
+    );
+    Ok(0)
+}
+
+pub async fn restart(target: &Target, session: &str) -> anyhow::Result<i32> {
+    let info = post_with_spinner(target, session, "restart", "rebooting").await?;
+    println!(
+        "{} is {} (rebooted)",
         info.name.as_deref().unwrap_or(&info.id),
         info.status.as_str()
     );
