@@ -143,6 +143,26 @@ impl Env {
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
 
+    /// One raw call to the service API (through curl, as a third-party client would):
+    /// the HTTP status and the body.
+    pub fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(self.path().join("run/service.sock"))
+            .args(["-X", method, "-d", body])
+            .arg(format!("http://capsem{path}"))
+            .output()
+            .expect("curl is needed for this test (scripts/setup.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// A session's `info --json`.
+    pub fn info(&self, session: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["info", session, "--json"])).expect("info JSON")
+    }
+
     /// Ids of the sessions the service lists.
     pub fn ids(&self) -> Vec<String> {
         self.ok(&["list", "-q"])
