@@ -78,15 +78,39 @@ impl GuestChannel {
         let io = tokio::net::UnixStream::from_std(raw.0).map_err(ChannelError::Accept)?;
         let hangup = raw.1;
         let (handle, mut inbound, mut closed) = Mux::start(io, Side::Host);
+        let handshake = Self::handshake(&mut inbound, &mut closed, ready_limit).await;
+        let ready = match handshake {
+            Ok(r) => r,
+            Err(e) => {
+                // Hang up, so the guest sees its port close and waits for a fresh session.
+                let _ = hangup.shutdown(std::net::Shutdown::Both);
+                return Err(e);
+            }
+        };
+        Ok(GuestChannel {
+            mux: handle,
+            ready,
+            closed,
+            inbound,
+            hangup,
+        })
+    }
+
+    /// Wait for the guest's lifecycle stream and its `GuestReady`, and accept it.
+    async fn handshake(
+        inbound: &mut mpsc::Receiver<yamux::Stream>,
+        closed: &mut oneshot::Receiver<()>,
+        ready_limit: Duration,
+    ) -> Result<GuestReady, ChannelError> {
         let deadline = Instant::now() + ready_limit;
-        let ready = loop {
+        loop {
             let stream = tokio::select! {
                 s = tokio::time::timeout_at(deadline.into(), inbound.recv()) => match s {
                     Err(_) => return Err(ChannelError::ReadyTimeout(ready_limit)),
                     Ok(None) => return Err(ChannelError::ClosedEarly),
                     Ok(Some(s)) => s,
                 },
-                _ = &mut closed => return Err(ChannelError::ClosedEarly),
+                _ = &mut *closed => return Err(ChannelError::ClosedEarly),
             };
             let mut inb = mux::accept(stream).await?;
             if inb.port != port::LIFECYCLE {
@@ -120,15 +144,8 @@ impl GuestChannel {
                 let mut sink = Vec::new();
                 let _ = tokio::io::AsyncReadExt::read_to_end(&mut inb.stream, &mut sink).await;
             });
-            break ready;
-        };
-        Ok(GuestChannel {
-            mux: handle,
-            ready,
-            closed,
-            inbound,
-            hangup,
-        })
+            return Ok(ready);
+        }
     }
 
     pub fn handle(&self) -> Guest {

@@ -277,3 +277,28 @@ fn service_stop_suspends_and_a_bad_state_boots_cold() {
     assert!(logs.contains("did not load"), "{logs}");
     env.ok(&["delete", "keeper"]);
 }
+
+#[test]
+fn a_resumed_guest_that_missed_the_hang_up_is_recovered() {
+    let _one_at_a_time = serial();
+    let Some(env) = Env::new() else { return };
+    // A service whose suspends skip the hang-up: the saved guest is still in its old channel
+    // session, the race that made resumes hang now and then.
+    let out = env
+        .cmd(&["start"])
+        .env(capsem_core::instance::FAULT_STALE_SUSPEND_ENV, "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.ok(&["create", "stale", "--ram", "1"]);
+    env.ok(&["exec", "stale", "echo in-ram > /tmp/note"]);
+    env.ok(&["suspend", "stale"]);
+    env.ok(&["resume", "stale"]);
+    assert_eq!(env.ok(&["exec", "stale", "cat /tmp/note"]), "in-ram\n");
+    let logs = env.ok(&["logs", "stale"]);
+    assert!(
+        logs.contains("did not greet"),
+        "recovery path not taken: {logs}"
+    );
+    env.ok(&["delete", "stale"]);
+}

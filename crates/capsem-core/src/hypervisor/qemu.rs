@@ -71,7 +71,12 @@ impl Qemu {
             // Two ports' worth of queues instead of 64: virtio_console probes faster.
             "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
-            format!("socket,id=channel0,path={}", p(&spec.channel_socket)),
+            // reconnect: after a hang-up QEMU dials again, so a resumed guest that missed the
+            // suspend's hang-up can be hung up on and start a fresh session.
+            format!(
+                "socket,id=channel0,path={},reconnect=1",
+                p(&spec.channel_socket)
+            ),
             "-device".into(),
             format!(
                 "virtserialport,chardev=channel0,name={}",

@@ -37,6 +37,13 @@ const SUSPEND_LIMIT: Duration = Duration::from_secs(300);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// How long the guest gets to boot to the ready handshake.
 const READY_LIMIT: Duration = Duration::from_secs(90);
+/// How long a resumed guest gets to greet before it is hung up on and asked again (one that
+/// missed the suspend's hang-up is still in its old session and never greets by itself).
+const RESUME_GREET_LIMIT: Duration = Duration::from_secs(3);
+
+/// Fault injection for tests: suspend without hanging up first, so the saved guest is still
+/// in its old channel session (the race the hang-up wait avoids), and resume must recover.
+pub const FAULT_STALE_SUSPEND_ENV: &str = "CAPSEM_FAULT_STALE_SUSPEND";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -200,7 +207,7 @@ where
             .as_ref()
             .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone())));
         let outcome = tokio::select! {
-            ch = GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT) => match ch {
+            ch = connect_guest(&listener, spec.incoming.is_some()) => match ch {
                 Ok(ch) => Ok(ch),
                 // A state that fails to load ends QEMU, and with it the channel.
                 Err(e) if spec.incoming.is_some() => Err(e.to_string()),
@@ -317,6 +324,23 @@ where
     Ok(())
 }
 
+/// Accept the guest's channel. A resumed guest that does not greet in time is hung up on
+/// (QEMU dials again) so it starts a fresh session, and is waited for once more.
+async fn connect_guest(
+    listener: &tokio::net::UnixListener,
+    resumed: bool,
+) -> Result<GuestChannel, ChannelError> {
+    if resumed {
+        match GuestChannel::establish(listener, CONNECT_LIMIT, RESUME_GREET_LIMIT).await {
+            Err(e @ (ChannelError::ReadyTimeout(_) | ChannelError::ClosedEarly)) => {
+                tracing::warn!(error = %e, "the resumed guest did not greet; hung up so it starts a fresh session");
+            }
+            other => return other,
+        }
+    }
+    GuestChannel::establish(listener, CONNECT_LIMIT, READY_LIMIT).await
+}
+
 /// Hand every stream the guest opens on the network port to the proxy; others are closed.
 fn serve_guest_streams(
     mut inbound: tokio::sync::mpsc::Receiver<yamux::Stream>,
@@ -372,10 +396,19 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     let before = waits(&std::fs::read_to_string(&serial).unwrap_or_default());
     inst.suspending
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = inst.hangup.shutdown(std::net::Shutdown::Both);
+    let stale = std::env::var_os(FAULT_STALE_SUSPEND_ENV).is_some();
+    if !stale {
+        let _ = inst.hangup.shutdown(std::net::Shutdown::Both);
+    }
     // Let the agent see the hang-up before the machine stops (it says so on the console).
-    // (A state saved before it did would resume into a stale mux session.)
-    let end = Instant::now() + Duration::from_secs(10);
+    // (A state saved before it did resumes into a stale session; resume recovers from that
+    // by hanging up again, at the cost of RESUME_GREET_LIMIT.)
+    let end = Instant::now()
+        + if stale {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(10)
+        };
     while Instant::now() < end
         && waits(&std::fs::read_to_string(&serial).unwrap_or_default()) <= before
     {
