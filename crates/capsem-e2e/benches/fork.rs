@@ -93,7 +93,7 @@ fn main() {
         size("loaded")
     );
     println!(
-        "fork of a fresh session            p50 {f:7.1} ms (service-side {:.0} ms)",
+        "fork of a fresh session              p50 {f:7.1} ms (service-side {:.0} ms)",
         median(&mut fresh_srv)
     );
     println!(
@@ -101,7 +101,7 @@ fn main() {
         median(&mut loaded_srv)
     );
     println!(
-        "P5 ratio                                  {:7.3}  (target <= 1.5; absolute <= 100 ms)",
+        "P5 ratio                                 {:7.3}  (target <= 1.5; absolute <= 100 ms)",
         l / f
     );
     env.ok(&["delete", "fresh"]);
