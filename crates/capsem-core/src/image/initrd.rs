@@ -37,7 +37,8 @@ pub(crate) fn write(
     let mut files = Vec::with_capacity(modules.len());
     for module in modules {
         let path = modules_dir.join(&module.rel_path);
-        let bytes = fs::read(&path).map_err(io_err("read kernel module", &path))?;
+        let mut bytes = fs::read(&path).map_err(io_err("read kernel module", &path))?;
+        strip_signature(&mut bytes);
         files.push((module.file_name.as_str(), bytes));
     }
     for (path, size) in std::iter::once((agent, agent_bytes.len())).chain(
@@ -58,6 +59,34 @@ pub(crate) fn write(
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
         .and_then(|file| file.sync_all());
     written.map_err(io_err("write", out))
+}
+
+/// The trailer the kernel's module signing appends to a signed `.ko`.
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// Drop a module's appended signature (if it has one), so the guest kernel skips verifying it
+/// at load: an RSA check per module that costs milliseconds under TCG. The modules come from
+/// Debian's kernel package (apt verified it), the guest kernel does not enforce signatures, and
+/// guest root could load an unsigned module anyway, so nothing is given up.
+///
+/// Layout (`struct module_signature`, all before the magic): the signature, then 12 bytes:
+/// algo, hash, id type, signer length, key id length (one byte each), 3 bytes of padding and
+/// the signature length as a big-endian u32.
+pub(crate) fn strip_signature(module: &mut Vec<u8>) -> bool {
+    let Some(body) = module.strip_suffix(SIGNATURE_MAGIC) else {
+        return false;
+    };
+    if body.len() < 12 {
+        return false;
+    }
+    let info = &body[body.len() - 12..];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let extra = info[3] as usize + info[4] as usize;
+    let Some(keep) = body.len().checked_sub(12 + sig_len + extra) else {
+        return false;
+    };
+    module.truncate(keep);
+    true
 }
 
 /// The archive itself, to any writer. Sizes must fit in u32 (checked by [`write`]).
@@ -135,6 +164,27 @@ impl<W: Write> Archive<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_signatures_are_stripped_and_unsigned_modules_kept() {
+        let elf = b"\x7fELF module body".to_vec();
+        let mut signed = elf.clone();
+        signed.extend_from_slice(&[0xAB; 5]); // the signature
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        signed.extend_from_slice(SIGNATURE_MAGIC);
+        assert!(strip_signature(&mut signed));
+        assert_eq!(signed, elf);
+        let mut plain = elf.clone();
+        assert!(!strip_signature(&mut plain));
+        assert_eq!(plain, elf);
+        // A trailer claiming more than the file holds is left alone.
+        let mut bad = elf.clone();
+        bad.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        bad.extend_from_slice(SIGNATURE_MAGIC);
+        let before = bad.clone();
+        assert!(!strip_signature(&mut bad));
+        assert_eq!(bad, before);
+    }
     use std::io::Read;
 
     struct Read1 {

@@ -34,6 +34,10 @@ pub const BUILDER_FORMAT: u32 = 1;
 /// only the kernel and the initrd.
 const KERNEL_FORMAT: &str = "pvh-elf-if-lz4";
 
+/// How the initrd's modules are stored (see `initrd::strip_signature`); a change rebuilds the
+/// initrd only.
+const INITRD_FORMAT: &str = "modules-without-signatures";
+
 /// The contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -237,6 +241,7 @@ impl Inputs {
         let initrd = digest(&[
             "initrd",
             &format,
+            INITRD_FORMAT,
             &kernel,
             agent_sha256,
             &INITRD_MODULES.join(","),
