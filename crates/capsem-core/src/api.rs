@@ -1,6 +1,6 @@
 //! The service API's wire types (HTTP/1.1 + JSON over `run/service.sock`), shaped like Capsem's
 //! service so its clients can talk to ours. Every front end (CLI, MCP) and the service itself use
-//! these types; `tests/api_contract.rs` pins their JSON shape and [`API_VERSION`].
+//! these types; the tests below pin their JSON shape (bump [`API_VERSION`] when it changes).
 
 use std::collections::BTreeMap;
 
@@ -224,17 +224,11 @@ pub struct ForkRequest {
     pub description: Option<String>,
 }
 
-/// One fork image as `image list` and `fork` show it.
+/// One fork image as `image list` and `fork` show it: its record and what it uses.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ImageInfo {
-    pub name: String,
-    pub description: String,
-    /// The session it was forked from.
-    pub source: String,
-    pub created_at: u64,
-    pub asset_version: String,
-    pub ram_mb: u32,
-    pub cpus: u32,
+    #[serde(flatten)]
+    pub image: crate::forks::ImageRecord,
     /// Bytes its disk layers take (layers shared with sessions are counted in full).
     pub size_bytes: u64,
     /// Sessions created from it.
@@ -304,6 +298,64 @@ pub fn valid_env_key(k: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The JSON that clients see; a change here is an API change.
+    #[test]
+    fn wire_shapes_are_pinned() {
+        let create: CreateRequest = serde_json::from_str(
+            r#"{"name":"b","ram_mb":1024,"cpus":1,"persistent":true,"env":{"K":"v"},"from":"tmpl"}"#,
+        )
+        .unwrap();
+        assert_eq!(create.from.as_deref(), Some("tmpl"));
+        assert_eq!(
+            serde_json::to_string(&CreateRequest::default()).unwrap(),
+            "{}"
+        );
+        for (status, text) in [
+            (Status::Creating, "creating"),
+            (Status::Running, "running"),
+            (Status::Stopping, "stopping"),
+            (Status::Crashed, "crashed"),
+            (Status::Suspended, "suspended"),
+            (Status::Suspending, "suspending"),
+            (Status::Restarting, "restarting"),
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), text);
+            assert_eq!(status.as_str(), text);
+        }
+        let fork: ForkRequest = serde_json::from_str(r#"{"name":"t"}"#).unwrap();
+        assert_eq!(fork.description, None);
+        let image = ImageInfo {
+            image: crate::forks::ImageRecord {
+                name: "t".into(),
+                description: "d".into(),
+                source: "box".into(),
+                created_at: 1,
+                asset_version: "0.1.0".into(),
+                ram_mb: 1024,
+                cpus: 1,
+            },
+            size_bytes: 2,
+            used_by: vec!["c".into()],
+            took_ms: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&image).unwrap(),
+            serde_json::json!({
+                "name": "t", "description": "d", "source": "box", "created_at": 1,
+                "asset_version": "0.1.0", "ram_mb": 1024, "cpus": 1,
+                "size_bytes": 2, "used_by": ["c"]
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(FreezeResponse {
+                frozen: 3,
+                took_ms: 4
+            })
+            .unwrap(),
+            serde_json::json!({"frozen": 3, "took_ms": 4})
+        );
+    }
 
     #[test]
     fn env_pairs() {

@@ -18,17 +18,7 @@ use capsem_core::api::{
 };
 use capsem_core::hypervisor::qemu;
 use capsem_core::uds_http::UdsClient;
-use capsem_e2e::Env;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use capsem_e2e::median;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -46,17 +36,13 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    std::env::set_var("CAPSEM_E2E", "1");
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let env = Env::new().expect("guest image and binaries");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = UdsClient::new(env.path().join("run/service.sock"));
+    let capsem_e2e::Bench {
+        runs,
+        env,
+        rt,
+        socket,
+    } = capsem_e2e::Bench::new(10);
+    let client = UdsClient::new(socket);
 
     // Warm up: start the service, probe the accelerator, fill the page cache.
     env.ok(&["run", "true"]);

@@ -7,25 +7,16 @@ use std::time::Instant;
 
 use capsem_core::api::{CreateRequest, ExecRequest, ExecResponse, ForkRequest, ImageInfo};
 use capsem_core::uds_http::UdsClient;
-use capsem_e2e::Env;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+use capsem_e2e::median;
 
 fn main() {
-    std::env::set_var("CAPSEM_E2E", "1");
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
-    let env = Env::new().expect("guest image and binaries");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = UdsClient::new(env.path().join("run/service.sock"));
+    let capsem_e2e::Bench {
+        runs,
+        env,
+        rt,
+        socket,
+    } = capsem_e2e::Bench::new(7);
+    let client = UdsClient::new(socket);
     env.ok(&["start"]);
     for name in ["fresh", "loaded"] {
         let _: serde_json::Value = rt

@@ -260,6 +260,58 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
+/// A failed command said one clear line containing `needle` on stderr — never a panic.
+pub fn assert_one_clear_line(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+/// The median (mean of the middle two for an even count); sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A benchmark's sitting: its run count (`BENCH_RUNS`, else `default`), a private home with the
+/// guest image (e2e mode on: a missing image fails), and a runtime to drive the service API.
+pub struct Bench {
+    pub runs: usize,
+    pub env: Env,
+    pub rt: tokio::runtime::Runtime,
+    /// The service socket, for `capsem_core::uds_http::UdsClient::new`.
+    pub socket: PathBuf,
+}
+
+impl Bench {
+    pub fn new(default_runs: usize) -> Bench {
+        std::env::set_var("CAPSEM_E2E", "1");
+        let runs = std::env::var("BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_runs);
+        let env = Env::new().expect("guest image and binaries");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let socket = env.path().join("run/service.sock");
+        Bench {
+            runs,
+            env,
+            rt,
+            socket,
+        }
+    }
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

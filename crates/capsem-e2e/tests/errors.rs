@@ -1,38 +1,30 @@
 //! Bad input gets one clear line on stderr and a non-zero exit — never a panic.
 
-use capsem_e2e::{stderr, Env};
-
-fn one_clear_line(out: &std::process::Output, needle: &str) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "should fail: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
+use capsem_e2e::{assert_one_clear_line, Env};
 
 #[test]
 fn bad_input_is_one_clear_line() {
     let Some(env) = Env::new() else { return };
-    one_clear_line(&env.capsem(&["exec", "nosuch", "true"]), "no session named");
-    one_clear_line(&env.capsem(&["info", "nosuch"]), "no session named");
-    one_clear_line(&env.capsem(&["delete", "nosuch"]), "no session named");
-    one_clear_line(
+    assert_one_clear_line(&env.capsem(&["exec", "nosuch", "true"]), "no session named");
+    assert_one_clear_line(&env.capsem(&["info", "nosuch"]), "no session named");
+    assert_one_clear_line(&env.capsem(&["delete", "nosuch"]), "no session named");
+    assert_one_clear_line(
         &env.capsem(&["create", "bad name!"]),
         "invalid session name",
     );
-    one_clear_line(&env.capsem(&["create", "--ram", "0"]), "invalid --ram 0");
-    one_clear_line(&env.capsem(&["create", "--cpu", "0"]), "invalid --cpu 0");
-    one_clear_line(
+    assert_one_clear_line(&env.capsem(&["create", "--ram", "0"]), "invalid --ram 0");
+    assert_one_clear_line(&env.capsem(&["create", "--cpu", "0"]), "invalid --cpu 0");
+    assert_one_clear_line(
         &env.capsem(&["run", "-e", "NOEQUALS", "true"]),
         "invalid environment variable",
     );
-    one_clear_line(
+    assert_one_clear_line(
         &env.capsem(&["run", "-e", "1X=y", "true"]),
         "invalid environment variable",
     );
 
     env.ok(&["create", "taken", "--ram", "1", "--cpu", "1"]);
-    one_clear_line(
+    assert_one_clear_line(
         &env.capsem(&["create", "taken", "--ram", "1", "--cpu", "1"]),
         "already exists",
     );
@@ -64,7 +56,7 @@ fn conflict_is_http_409_and_assets_missing_is_503() {
     // A home without a guest image.
     let bare = Env::bare();
     let out = bare.capsem(&["run", "true"]);
-    one_clear_line(&out, "capsem setup");
+    assert_one_clear_line(&out, "capsem setup");
     let sock = bare.path().join("run/service.sock");
     let out = std::process::Command::new("curl")
         .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
@@ -85,5 +77,5 @@ fn qemu_missing_is_one_clear_line() {
         .env("CAPSEM_QEMU", "/nonexistent/qemu-system-x86_64")
         .output()
         .unwrap();
-    one_clear_line(&out, "QEMU not found");
+    assert_one_clear_line(&out, "QEMU not found");
 }

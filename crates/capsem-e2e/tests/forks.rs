@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capsem_e2e::{stderr, Env};
+use capsem_e2e::{assert_one_clear_line, stderr, Env};
 
 /// These tests boot, kill and copy VMs and some time what follows: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -32,14 +32,6 @@ fn disk_is_healthy(env: &Env, name: &str) -> String {
         "rw\n"
     );
     dmesg
-}
-
-fn one_clear_line(out: &std::process::Output, needle: &str) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "should fail: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 
 #[test]
@@ -155,7 +147,7 @@ fn fork_is_a_point_in_time_copy_and_images_behave() {
     env.ok(&["delete", "twin"]);
 
     // Deleting an image in use is refused; with --force the sessions keep their copy.
-    one_clear_line(
+    assert_one_clear_line(
         &env.capsem(&["image", "delete", "tmpl"]),
         "in use by clone, tmpl",
     );
@@ -194,18 +186,18 @@ fn lasting_session_verbs_answer_bad_input_with_one_line_and_the_right_status() {
     let tmp = env.ok(&["create", "--ram", "1"]).trim().to_string();
 
     // Suspend or restart of a temporary session: 409, naming `capsem persist`.
-    one_clear_line(&env.capsem(&["suspend", &tmp]), "capsem persist");
-    one_clear_line(&env.capsem(&["restart", &tmp]), "capsem persist");
+    assert_one_clear_line(&env.capsem(&["suspend", &tmp]), "capsem persist");
+    assert_one_clear_line(&env.capsem(&["restart", &tmp]), "capsem persist");
     let (code, body) = env.http("POST", &format!("/vms/{tmp}/suspend"), "{}");
     assert_eq!(code, 409, "{body}");
     // Unknown names: 404.
-    one_clear_line(&env.capsem(&["resume", "nosuch"]), "no session named");
-    one_clear_line(&env.capsem(&["fork", "nosuch", "x"]), "no session named");
-    one_clear_line(
+    assert_one_clear_line(&env.capsem(&["resume", "nosuch"]), "no session named");
+    assert_one_clear_line(&env.capsem(&["fork", "nosuch", "x"]), "no session named");
+    assert_one_clear_line(
         &env.capsem(&["create", "--from", "nosuch"]),
         "no image or session named",
     );
-    one_clear_line(
+    assert_one_clear_line(
         &env.capsem(&["image", "delete", "nosuch"]),
         "no image named",
     );
@@ -217,9 +209,9 @@ fn lasting_session_verbs_answer_bad_input_with_one_line_and_the_right_status() {
     assert_eq!(env.http("DELETE", "/images/nosuch", "").0, 404);
     // Fork to a taken name (an image's or a session's), or an invalid one.
     env.ok(&["fork", "base", "snap"]);
-    one_clear_line(&env.capsem(&["fork", "base", "snap"]), "already exists");
-    one_clear_line(&env.capsem(&["fork", "base", "base"]), "already exists");
-    one_clear_line(
+    assert_one_clear_line(&env.capsem(&["fork", "base", "snap"]), "already exists");
+    assert_one_clear_line(&env.capsem(&["fork", "base", "base"]), "already exists");
+    assert_one_clear_line(
         &env.capsem(&["fork", "base", "bad name!"]),
         "invalid session name",
     );
@@ -232,10 +224,10 @@ fn lasting_session_verbs_answer_bad_input_with_one_line_and_the_right_status() {
         400
     );
     // A clone of a temporary session is refused (fork it instead).
-    one_clear_line(&env.capsem(&["create", "--from", &tmp]), "capsem fork");
+    assert_one_clear_line(&env.capsem(&["create", "--from", &tmp]), "capsem fork");
     // An image in use: 409.
     env.ok(&["create", "user", "--from", "snap"]);
-    one_clear_line(&env.capsem(&["image", "delete", "snap"]), "in use");
+    assert_one_clear_line(&env.capsem(&["image", "delete", "snap"]), "in use");
     assert_eq!(env.http("DELETE", "/images/snap", "").0, 409);
 
     // Resume while suspending: dirty some RAM so the save takes a while, and ask meanwhile.

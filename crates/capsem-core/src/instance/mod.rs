@@ -388,7 +388,6 @@ async fn continue_after_load(control: PathBuf) {
 /// to waiting for a host, so a resumed guest starts a fresh mux session), pause, save RAM and
 /// device state to `state/vm.state` (written aside, fsynced, renamed), and quit QEMU.
 pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
-    use crate::hypervisor::qmp::Qmp;
     let _op = inst.ops.lock().await;
     guest_sync(inst).await?;
     let serial = inst.dir.join("serial.log");
@@ -417,12 +416,7 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     let dir = inst.dir.join(STATE_DIR);
     crate::paths::private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let tmp = dir.join("vm.state.partial");
-    let mut q = Qmp::connect(&inst.dir.join("qmp.sock"), CONNECT_LIMIT)
-        .await
-        .map_err(|e| e.to_string())?;
-    q.execute("stop", serde_json::Value::Null)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut q = paused(inst).await?;
     // QEMU caps migration at 128 MiB/s by default (meant for live migration over a network);
     // saving a paused VM to a local file should go as fast as the disk takes it.
     q.execute(
@@ -471,6 +465,17 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     Ok(size)
 }
 
+/// A QMP connection to the VM, which it has just paused.
+async fn paused(inst: &Instance) -> Result<crate::hypervisor::qmp::Qmp, String> {
+    let mut q = crate::hypervisor::qmp::Qmp::connect(&inst.dir.join("qmp.sock"), CONNECT_LIMIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    q.execute("stop", serde_json::Value::Null)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(q)
+}
+
 /// Flush the guest's page cache to its disk (so a pause or copy sees what programs wrote).
 async fn guest_sync(inst: &Instance) -> Result<(), String> {
     let job = capsem_proto::exec::ExecRequest {
@@ -492,7 +497,6 @@ async fn guest_sync(inst: &Instance) -> Result<(), String> {
 /// layer made beforehand, so its backing name stays relative), continue. Returns the number of
 /// the layer now frozen; it and those below it never change again.
 pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
-    use crate::hypervisor::qmp::Qmp;
     let _op = inst.ops.lock().await;
     if inst.suspending.load(std::sync::atomic::Ordering::SeqCst) {
         return Err("the session is being suspended".into());
@@ -507,12 +511,7 @@ pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
         .create_disk(&below, &next)
         .map_err(|e| crate::error_chain(&e))?;
     let switched = async {
-        let mut q = Qmp::connect(&inst.dir.join("qmp.sock"), CONNECT_LIMIT)
-            .await
-            .map_err(|e| e.to_string())?;
-        q.execute("stop", serde_json::Value::Null)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut q = paused(inst).await?;
         let r = q
             .execute(
                 "blockdev-snapshot-sync",

@@ -246,13 +246,7 @@ impl Service {
         };
         ImageInfo {
             size_bytes: disk::allocated_bytes(&self.home().image_dir(&r.name)),
-            name: r.name,
-            description: r.description,
-            source: r.source,
-            created_at: r.created_at,
-            asset_version: r.asset_version,
-            ram_mb: r.ram_mb,
-            cpus: r.cpus,
+            image: r,
             used_by,
             took_ms: None,
         }

@@ -353,15 +353,7 @@ impl Service {
                 .get_mut(&id)
                 .ok_or_else(|| HttpError::not_found(query))?;
             check_idle(e)?;
-            if !e.record.persistent {
-                return Err(HttpError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "only persistent sessions can be suspended: keep this one first with `capsem persist {} NAME`",
-                        e.record.display_name()
-                    ),
-                ));
-            }
+            persistent_only(e, "suspended")?;
             if e.status != Status::Running {
                 return Err(not_running(e));
             }
@@ -451,15 +443,7 @@ impl Service {
                 .get_mut(&id)
                 .ok_or_else(|| HttpError::not_found(query))?;
             check_idle(e)?;
-            if !e.record.persistent {
-                return Err(HttpError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "only persistent sessions can be restarted (a temporary one's disk goes with its VM): keep this one first with `capsem persist {} NAME`",
-                        e.record.display_name()
-                    ),
-                ));
-            }
+            persistent_only(e, "restarted")?;
             match e.status {
                 Status::Running => {
                     e.status = Status::Restarting;
@@ -481,25 +465,17 @@ impl Service {
                 }
             }
         };
-        if let Some((client, mut exited, pid)) = running {
-            // The guest syncs and powers off; QEMU is killed if it does not within the limit.
-            let _ = client
-                .post::<_, serde_json::Value>("/shutdown", &serde_json::json!({}))
-                .await;
-            let gone = tokio::time::timeout(Duration::from_secs(20), exited.wait_for(|e| *e))
-                .await
-                .is_ok();
-            if !gone {
-                if let Some(pid) = pid {
-                    tracing::warn!(%id, pid, "process did not stop for the restart; killing it");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
-                }
-            }
+        if let Some((client, exited, pid)) = running {
+            // The guest syncs, unmounts and powers off.
+            end_process(
+                &id,
+                &client,
+                "/shutdown",
+                exited,
+                pid,
+                Duration::from_secs(20),
+            )
+            .await;
         }
         let state = self
             .home()
@@ -656,7 +632,7 @@ impl Service {
     pub async fn delete(&self, query: &str) -> Result<String, HttpError> {
         let id = self.resolve(query).await?;
         tracing::debug!(%id, "delete: start");
-        let (mut exited, pid) = {
+        let (exited, pid) = {
             let mut map = self.inner.sessions.lock().await;
             let e = map
                 .get_mut(&id)
@@ -676,23 +652,7 @@ impl Service {
         };
         if !*exited.borrow() {
             let client = UdsClient::new(self.home().instance_socket(&id));
-            let _ = client
-                .post::<_, serde_json::Value>("/kill", &serde_json::json!({}))
-                .await;
-            let gone = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
-                .await
-                .is_ok();
-            if !gone {
-                if let Some(pid) = pid {
-                    tracing::warn!(%id, pid, "process did not stop; killing it");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
-                }
-            }
+            end_process(&id, &client, "/kill", exited, pid, Duration::from_secs(5)).await;
         }
         let _ = std::fs::remove_dir_all(self.home().session_dir(&id));
         let _ = std::fs::remove_file(self.home().instance_socket(&id));
@@ -836,6 +796,35 @@ fn accel_cache_key() -> String {
     format!("{}|{qemu}", boot.trim())
 }
 
+/// Ask a session's process to end (`how`: `/kill`, or `/shutdown` to power the guest off first),
+/// wait up to `limit` for it, then SIGKILL it.
+async fn end_process(
+    id: &str,
+    client: &UdsClient,
+    how: &str,
+    mut exited: watch::Receiver<bool>,
+    pid: Option<u32>,
+    limit: Duration,
+) {
+    let _ = client
+        .post::<_, serde_json::Value>(how, &serde_json::json!({}))
+        .await;
+    if tokio::time::timeout(limit, exited.wait_for(|e| *e))
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    if let Some(pid) = pid {
+        tracing::warn!(%id, pid, "process did not stop; killing it");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), exited.wait_for(|e| *e)).await;
+    }
+}
+
 /// A receiver that turns true when `pid` no longer exists (for adopted processes, which are not
 /// our children).
 fn watch_pid(pid: u32) -> watch::Receiver<bool> {
@@ -878,6 +867,20 @@ fn check_idle(e: &Entry) -> Result<(), HttpError> {
         )),
         None => Ok(()),
     }
+}
+
+/// 409 for a verb only persistent sessions have (a temporary one's disk goes with its VM).
+fn persistent_only(e: &Entry, done: &str) -> Result<(), HttpError> {
+    if e.record.persistent {
+        return Ok(());
+    }
+    Err(HttpError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "only persistent sessions can be {done}: keep this one first with `capsem persist {} NAME`",
+            e.record.display_name()
+        ),
+    ))
 }
 
 /// 409 when a session other than `id` already has `name`.

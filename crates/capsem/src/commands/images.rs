@@ -24,11 +24,11 @@ pub async fn fork(target: &Target, a: ForkArgs) -> anyhow::Result<i32> {
     } else {
         println!(
             "forked {} into image {} ({} ms); boot it with `capsem resume {}` or `capsem create --from {}`",
-            info.source,
-            info.name,
+            info.image.source,
+            info.image.name,
             info.took_ms.unwrap_or(0),
-            info.name,
-            info.name
+            info.image.name,
+            info.image.name
         );
     }
     Ok(0)
@@ -55,7 +55,7 @@ pub async fn delete(target: &Target, a: ImageDeleteArgs) -> anyhow::Result<i32> 
         .await?
         .call::<(), _>(capsem_core::uds_http::Method::DELETE, &path, None)
         .await?;
-    println!("deleted image {}", r.name);
+    println!("deleted image {}", r.image.name);
     Ok(0)
 }
 
@@ -69,15 +69,15 @@ fn render(images: &[ImageInfo]) -> String {
     ]];
     for i in images {
         rows.push([
-            i.name.clone(),
-            i.source.clone(),
+            i.image.name.clone(),
+            i.image.source.clone(),
             format!("{:.1}M", i.size_bytes as f64 / (1024.0 * 1024.0)),
             if i.used_by.is_empty() {
                 "-".into()
             } else {
                 i.used_by.join(",")
             },
-            i.description.clone(),
+            i.image.description.clone(),
         ]);
     }
     super::table(&rows)
