@@ -40,9 +40,11 @@ impl ImageRecord {
     }
 }
 
-/// Whether an image named `name` exists.
+/// Whether an image named `name` exists (never for a string that is not a valid name, so no
+/// lookup leaves `images/`).
 pub fn exists(home: &Home, name: &str) -> bool {
-    home.image_dir(name).join(ImageRecord::FILE).is_file()
+    crate::names::validate_name(name).is_ok()
+        && home.image_dir(name).join(ImageRecord::FILE).is_file()
 }
 
 /// Every readable image, by name.
@@ -73,13 +75,21 @@ pub fn publish(
         fill(&staging)?;
         record.save(&staging)?;
         let target = home.image_dir(&record.name);
-        if target.exists() {
-            return Err(io::Error::new(
+        let taken = || {
+            io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("image {:?} exists", record.name),
-            ));
+            )
+        };
+        if target.exists() {
+            return Err(taken());
         }
-        std::fs::rename(&staging, &target)
+        // A racing publish of the same name may have won since: rename onto its non-empty
+        // directory fails with ENOTEMPTY (or EEXIST).
+        std::fs::rename(&staging, &target).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => taken(),
+            _ => e,
+        })
     })();
     if made.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
@@ -133,6 +143,11 @@ mod tests {
         let e = publish(&home, &record("a"), |_| Ok(())).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(list(&home), vec![record("a")]);
+        // Only valid names are looked up: nothing outside `images/` is ever an image.
+        std::fs::write(t.path().join(ImageRecord::FILE), "{}").unwrap();
+        for bad in ["..", "../", "/", "a/../a", ""] {
+            assert!(!exists(&home, bad), "{bad}");
+        }
         assert_eq!(std::fs::read_dir(home.images_dir()).unwrap().count(), 1);
     }
 }

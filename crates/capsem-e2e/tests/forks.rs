@@ -127,6 +127,15 @@ fn fork_is_a_point_in_time_copy_and_images_behave() {
     );
     assert_eq!(env.ok(&["exec", "tmpl", "ls /root"]), "before\n");
 
+    // An image's name wins over a session id it happens to prefix.
+    let id = env.info("src")["id"].as_str().unwrap().to_string();
+    let prefix = &id[..4];
+    env.ok(&["fork", "src", prefix]);
+    env.ok(&["resume", prefix]);
+    assert_eq!(env.info(prefix)["name"], prefix);
+    env.ok(&["delete", prefix]);
+    env.ok(&["image", "delete", prefix]);
+
     // image list shows it and who uses it.
     let list: serde_json::Value =
         serde_json::from_str(&env.ok(&["image", "list", "--json"])).unwrap();
@@ -207,6 +216,13 @@ fn lasting_session_verbs_answer_bad_input_with_one_line_and_the_right_status() {
         404
     );
     assert_eq!(env.http("DELETE", "/images/nosuch", "").0, 404);
+    // Names never reach outside the home.
+    assert_one_clear_line(&env.capsem(&["image", "delete", "../sessions"]), "invalid");
+    assert_eq!(env.http("DELETE", "/images/..%2Fsessions", "").0, 400);
+    assert_one_clear_line(
+        &env.capsem(&["create", "--from", "/tmp"]),
+        "no image or session named",
+    );
     // Fork to a taken name (an image's or a session's), or an invalid one.
     env.ok(&["fork", "base", "snap"]);
     assert_one_clear_line(&env.capsem(&["fork", "base", "snap"]), "already exists");

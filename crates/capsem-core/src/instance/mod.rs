@@ -510,30 +510,31 @@ pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
     inst.hv
         .create_disk(&below, &next)
         .map_err(|e| crate::error_chain(&e))?;
-    let switched = async {
-        let mut q = paused(inst).await?;
-        let r = q
-            .execute(
-                "blockdev-snapshot-sync",
-                serde_json::json!({
-                    "device": "disk",
-                    "snapshot-file": next.display().to_string(),
-                    "format": "qcow2",
-                    "mode": "existing",
-                }),
-            )
-            .await
-            .map_err(|e| e.to_string());
-        let resumed = q.execute("cont", serde_json::Value::Null).await;
-        r?;
-        resumed.map_err(|e| format!("the VM did not continue after the copy: {e}"))?;
-        Ok::<(), String>(())
-    }
-    .await;
+    let mut q = match paused(inst).await {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = std::fs::remove_file(&next);
+            return Err(format!("pausing the VM for the copy failed: {e}"));
+        }
+    };
+    let switched = q
+        .execute(
+            "blockdev-snapshot-sync",
+            serde_json::json!({
+                "device": "disk",
+                "snapshot-file": next.display().to_string(),
+                "format": "qcow2",
+                "mode": "existing",
+            }),
+        )
+        .await;
+    let resumed = q.execute("cont", serde_json::Value::Null).await;
     if let Err(e) = switched {
         // QEMU still writes the old top (the switch is all or nothing): drop the unused layer.
         let _ = std::fs::remove_file(&next);
         return Err(format!("switching the disk to a new layer failed: {e}"));
     }
+    // The switch happened: QEMU writes `next` now, so it stays whatever `cont` says.
+    resumed.map_err(|e| format!("the VM did not continue after the copy: {e}"))?;
     Ok(top)
 }

@@ -282,7 +282,12 @@ async fn echo_bench(
 /// Save the VM to disk and end (the process exits when QEMU does).
 async fn suspend(State(inst): State<Arc<Instance>>) -> ApiResult<crate::api::SuspendResponse> {
     let started = std::time::Instant::now();
-    match super::suspend(&inst).await {
+    // In a task of its own: a caller that goes away must not leave the VM paused half way.
+    let run = inst.clone();
+    let saved = tokio::spawn(async move { super::suspend(&run).await })
+        .await
+        .unwrap_or_else(|e| Err(format!("the suspend task failed: {e}")));
+    match saved {
         Ok(state_bytes) => {
             inst.stop.notify_one();
             Ok(Json(crate::api::SuspendResponse {
@@ -297,8 +302,10 @@ async fn suspend(State(inst): State<Arc<Instance>>) -> ApiResult<crate::api::Sus
 /// Freeze the disk's current top layer (for a fork or clone) while the VM runs on.
 async fn freeze(State(inst): State<Arc<Instance>>) -> ApiResult<crate::api::FreezeResponse> {
     let started = std::time::Instant::now();
-    let frozen = super::freeze(&inst)
+    // In a task of its own: a caller that goes away must not leave the VM paused.
+    let frozen = tokio::spawn(async move { super::freeze(&inst).await })
         .await
+        .unwrap_or_else(|e| Err(format!("the copy task failed: {e}")))
         .map_err(|m| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, m))?;
     Ok(Json(crate::api::FreezeResponse {
         frozen,

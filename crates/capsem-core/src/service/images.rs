@@ -101,22 +101,33 @@ impl Service {
             (None, Some(id)) => (self.home().session_dir(id), self.freeze(id).await?),
             (None, None) => unreachable!("a clone source is an image or a session"),
         };
-        let hv = crate::hypervisor::detect(self.accel().await?).map_err(unavailable)?;
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            disk::link_layers(&from, &dir, upto).map_err(internal)?;
-            hv.create_disk(
-                &dir.join(disk::layer_name(upto)),
-                &dir.join(disk::layer_name(upto + 1)),
-            )
-            .map_err(internal)
-        })
-        .await
-        .map_err(internal)?
+        let made = async {
+            let hv = crate::hypervisor::detect(self.accel().await?).map_err(unavailable)?;
+            tokio::task::spawn_blocking(move || {
+                disk::link_layers(&from, &dir, upto)
+                    .map_err(|e| copy_failed(&src_label(&from), e))?;
+                hv.create_disk(
+                    &dir.join(disk::layer_name(upto)),
+                    &dir.join(disk::layer_name(upto + 1)),
+                )
+                .map_err(internal)
+            })
+            .await
+            .map_err(internal)?
+        }
+        .await;
+        // The source session was kept busy (nothing deletes it) until its layers were linked.
+        if let Some(id) = &src.session {
+            self.set_idle(id).await;
+        }
+        made
     }
 
     /// Freeze session `id`'s current disk top so it can be shared; returns its layer number.
-    /// A running VM keeps running (it writes a new layer from now on).
+    /// A running VM keeps running (it writes a new layer from now on). On success the session
+    /// stays busy — nothing deletes it — until the caller has linked the layers and calls
+    /// `set_idle`.
     async fn freeze(&self, id: &str) -> Result<u32, HttpError> {
         let client = {
             let mut map = self.inner.sessions.lock().await;
@@ -124,7 +135,8 @@ impl Service {
             check_idle(e)?;
             let client = match e.status {
                 Status::Running => Some(e.client.clone()),
-                Status::Suspended | Status::Crashed => None,
+                // Stopped for sure: no QEMU writes the top any more.
+                Status::Suspended | Status::Crashed if *e.exited.borrow() => None,
                 other => {
                     return Err(HttpError::new(
                         StatusCode::CONFLICT,
@@ -171,8 +183,8 @@ impl Service {
             }
         }
         .await;
-        if let Some(e) = self.inner.sessions.lock().await.get_mut(id) {
-            e.busy = None;
+        if frozen.is_err() {
+            self.set_idle(id).await;
         }
         frozen
     }
@@ -215,17 +227,14 @@ impl Service {
         let upto = self.freeze(&id).await?;
         let (home, from) = (self.home().clone(), self.home().session_dir(&id));
         let rec = record.clone();
-        tokio::task::spawn_blocking(move || {
+        let published = tokio::task::spawn_blocking(move || {
             forks::publish(&home, &rec, |dir| disk::link_layers(&from, dir, upto))
         })
-        .await
-        .map_err(internal)?
-        .map_err(|e| match e.kind() {
+        .await;
+        self.set_idle(&id).await;
+        published.map_err(internal)?.map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => taken("an image"),
-            _ => HttpError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("saving the fork failed: {e}"),
-            ),
+            _ => copy_failed(&format!("session {query}"), e),
         })?;
         tracing::info!(%id, image = name, ms = started.elapsed().as_millis() as u64, "forked");
         let mut info = self.image_info(record).await;
@@ -263,6 +272,7 @@ impl Service {
     /// Remove image `name`. Refused while sessions made from it exist, unless `force`: their
     /// disks hold their own links to its layers, so they keep working either way.
     pub async fn delete_image(&self, name: &str, force: bool) -> Result<ImageInfo, HttpError> {
+        crate::names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
         if !forks::exists(self.home(), name) {
             return Err(HttpError::new(
                 StatusCode::NOT_FOUND,
@@ -285,4 +295,17 @@ impl Service {
         std::fs::remove_dir_all(&dir).map_err(internal)?;
         Ok(info)
     }
+}
+
+fn copy_failed(what: &str, e: std::io::Error) -> HttpError {
+    HttpError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("copying the disk of {what} failed ({e}); was it deleted meanwhile?"),
+    )
+}
+
+fn src_label(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

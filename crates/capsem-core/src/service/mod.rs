@@ -347,7 +347,7 @@ impl Service {
     /// and QEMU end, and `resume` continues it.
     pub async fn suspend(&self, query: &str) -> Result<SessionInfo, HttpError> {
         let id = self.resolve(query).await?;
-        let (client, mut exited) = {
+        let (client, mut exited, pid) = {
             let mut map = self.inner.sessions.lock().await;
             let e = map
                 .get_mut(&id)
@@ -358,12 +358,18 @@ impl Service {
                 return Err(not_running(e));
             }
             e.status = Status::Suspending;
-            (e.client.clone(), e.exited.clone())
+            (e.client.clone(), e.exited.clone(), e.pid)
         };
         let saved = client
             .post::<_, api::SuspendResponse>("/suspend", &serde_json::json!({}))
             .await;
-        let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        if saved.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        } else {
+            // The VM may still run (the guest did not sync, say): end it, so that nothing
+            // writes the disk of a session the registry calls crashed.
+            end_process(&id, &client, "/kill", exited, pid, Duration::from_secs(5)).await;
+        }
         let mut map = self.inner.sessions.lock().await;
         let e = map
             .get_mut(&id)
@@ -390,23 +396,23 @@ impl Service {
     /// disk); a running session is returned as it is. A name that is no session but a fork
     /// image boots that image as a new persistent session of that name.
     pub async fn resume(&self, query: &str) -> Result<SessionInfo, HttpError> {
-        let id = match self.resolve(query).await {
-            Ok(id) => id,
-            Err(e)
-                if e.status == StatusCode::NOT_FOUND
-                    && crate::forks::exists(self.home(), query) =>
-            {
-                return self
-                    .create(CreateRequest {
-                        name: Some(query.to_string()),
-                        persistent: Some(true),
-                        from: Some(query.to_string()),
-                        ..Default::default()
-                    })
-                    .await;
-            }
-            Err(e) => return Err(e),
+        // A session's exact name wins, then an image's name, then a session id (or prefix).
+        let named = {
+            let map = self.inner.sessions.lock().await;
+            map.values()
+                .any(|e| e.record.name.as_deref() == Some(query))
         };
+        if !named && crate::forks::exists(self.home(), query) {
+            return self
+                .create(CreateRequest {
+                    name: Some(query.to_string()),
+                    persistent: Some(true),
+                    from: Some(query.to_string()),
+                    ..Default::default()
+                })
+                .await;
+        }
+        let id = self.resolve(query).await?;
         {
             let mut map = self.inner.sessions.lock().await;
             let e = map
@@ -632,23 +638,28 @@ impl Service {
     pub async fn delete(&self, query: &str) -> Result<String, HttpError> {
         let id = self.resolve(query).await?;
         tracing::debug!(%id, "delete: start");
-        let (exited, pid) = {
-            let mut map = self.inner.sessions.lock().await;
-            let e = map
-                .get_mut(&id)
-                .ok_or_else(|| HttpError::not_found(query))?;
-            if e.status == Status::Stopping {
-                return Err(HttpError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "session {} is already being deleted",
-                        e.record.display_name()
-                    ),
-                ));
+        // A fork's copy finishes first (it takes milliseconds); delete never gives up on it.
+        let (exited, pid) = loop {
+            {
+                let mut map = self.inner.sessions.lock().await;
+                let e = map
+                    .get_mut(&id)
+                    .ok_or_else(|| HttpError::not_found(query))?;
+                if e.status == Status::Stopping {
+                    return Err(HttpError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "session {} is already being deleted",
+                            e.record.display_name()
+                        ),
+                    ));
+                }
+                if e.busy.is_none() {
+                    e.status = Status::Stopping;
+                    break (e.exited.clone(), e.pid);
+                }
             }
-            check_idle(e)?;
-            e.status = Status::Stopping;
-            (e.exited.clone(), e.pid)
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
         if !*exited.borrow() {
             let client = UdsClient::new(self.home().instance_socket(&id));
@@ -659,6 +670,13 @@ impl Service {
         self.inner.sessions.lock().await.remove(&id);
         tracing::debug!(%id, "delete: done");
         Ok(id)
+    }
+
+    /// Clear session `id`'s busy mark.
+    pub(super) async fn set_idle(&self, id: &str) {
+        if let Some(e) = self.inner.sessions.lock().await.get_mut(id) {
+            e.busy = None;
+        }
     }
 
     /// Delete every ephemeral session, or every session with `all`.
