@@ -65,6 +65,29 @@ pub fn link_layers(from: &Path, to: &Path, upto: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Marks a top layer that was added by an offline freeze and has not been booted since: it is
+/// still empty, so the layer below it is still the point-in-time copy and the next freeze can
+/// hand that out again instead of growing the chain (`disk.fresh`, holding the layer number).
+const FRESH: &str = "disk.fresh";
+
+/// Record that layer `n` of `dir` is a fresh, never-booted top.
+pub fn mark_fresh(dir: &Path, n: u32) -> io::Result<()> {
+    crate::paths::write_private(&dir.join(FRESH), n.to_string().as_bytes())
+}
+
+/// Whether layer `n` of `dir` is a fresh top (see [`mark_fresh`]).
+pub fn is_fresh(dir: &Path, n: u32) -> bool {
+    n > 0 && std::fs::read_to_string(dir.join(FRESH)).is_ok_and(|t| t.trim() == n.to_string())
+}
+
+/// Forget the fresh mark: the VM is about to write the top.
+pub fn clear_fresh(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(dir.join(FRESH)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes the layers of `dir` take on disk (shared, hard-linked layers are counted in full).
 pub fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -115,5 +138,12 @@ mod tests {
         assert_eq!(layers(&b).unwrap(), vec![0, 1, 2]);
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
         assert_eq!(ino(&a.join("disk.1.qcow2")), ino(&b.join("disk.1.qcow2")));
+        // The fresh mark names one layer, is not a layer itself, and goes away.
+        mark_fresh(&a, 10).unwrap();
+        assert!(is_fresh(&a, 10) && !is_fresh(&a, 2));
+        assert_eq!(layers(&a).unwrap(), vec![0, 1, 2, 10]);
+        clear_fresh(&a).unwrap();
+        clear_fresh(&a).unwrap();
+        assert!(!is_fresh(&a, 10));
     }
 }

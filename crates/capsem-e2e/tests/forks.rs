@@ -149,6 +149,22 @@ fn fork_is_a_point_in_time_copy_and_images_behave() {
     env.ok(&["exec", "src", "echo ram > /tmp/ram-note"]);
     env.ok(&["suspend", "src"]);
     env.ok(&["fork", "src", "later"]);
+    // Copies of a stopped session share one frozen point: its chain grows once, not per copy.
+    let src_dir = env.path().join("sessions").join(&id);
+    let layers = || {
+        std::fs::read_dir(&src_dir)
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("disk") && n.ends_with(".qcow2")
+            })
+            .count()
+    };
+    let before = layers();
+    env.ok(&["fork", "src", "later2"]);
+    assert_eq!(layers(), before);
+    env.ok(&["image", "delete", "later2"]);
     env.ok(&["resume", "src"]);
     assert_eq!(env.ok(&["exec", "src", "cat /tmp/ram-note"]), "ram\n");
     env.ok(&["create", "twin", "--from", "src"]);

@@ -173,6 +173,8 @@ where
                 disk
             }
         };
+    // The VM writes the top from now on: it is no longer a fresh copy point.
+    crate::disk::clear_fresh(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))?;
     let channel_path = dir.join("channel.sock");
     let listener =
         crate::uds_http::bind_private(&channel_path).map_err(|source| InstanceError::Bind {

@@ -170,11 +170,16 @@ impl Service {
                         let top = disk::top(&dir).map_err(internal)?.ok_or_else(|| {
                             HttpError::new(StatusCode::CONFLICT, "the session has no disk yet")
                         })?;
+                        // Not booted since the last freeze: the layer below is still the copy.
+                        if disk::is_fresh(&dir, top) {
+                            return Ok(top - 1);
+                        }
                         hv.create_disk(
                             &dir.join(disk::layer_name(top)),
                             &dir.join(disk::layer_name(top + 1)),
                         )
                         .map_err(internal)?;
+                        disk::mark_fresh(&dir, top + 1).map_err(internal)?;
                         Ok(top)
                     })
                     .await
