@@ -7,7 +7,7 @@ use std::path::Path;
 
 use hyper::StatusCode;
 
-use super::{check_idle, internal, unavailable, HttpError, Service};
+use super::{check_idle, internal, unavailable, wrong_state, HttpError, Service};
 use crate::api::{FreezeResponse, ImageInfo, Status};
 use crate::disk;
 use crate::forks::{self, ImageRecord};
@@ -137,14 +137,10 @@ impl Service {
                 Status::Running => Some(e.client.clone()),
                 // Stopped for sure: no QEMU writes the top any more.
                 Status::Suspended | Status::Crashed if *e.exited.borrow() => None,
-                other => {
-                    return Err(HttpError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "session {} is {}; it can be copied when running, suspended or crashed",
-                            e.record.display_name(),
-                            other.as_str()
-                        ),
+                _ => {
+                    return Err(wrong_state(
+                        e,
+                        "copied now (it can be when running, suspended or crashed)",
                     ))
                 }
             };

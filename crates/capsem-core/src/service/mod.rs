@@ -424,16 +424,7 @@ impl Service {
                 Status::Suspended | Status::Crashed if e.record.persistent => {
                     e.status = Status::Creating;
                 }
-                other => {
-                    return Err(HttpError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "session {} is {}; it cannot be resumed now",
-                            e.record.display_name(),
-                            other.as_str()
-                        ),
-                    ))
-                }
+                _ => return Err(wrong_state(e, "resumed now")),
             }
         }
         self.boot_existing(&id).await
@@ -459,16 +450,7 @@ impl Service {
                     e.status = Status::Creating;
                     None
                 }
-                other => {
-                    return Err(HttpError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "session {} is {}; it cannot be restarted now",
-                            e.record.display_name(),
-                            other.as_str()
-                        ),
-                    ))
-                }
+                _ => return Err(wrong_state(e, "restarted now")),
             }
         };
         if let Some((client, exited, pid)) = running {
@@ -885,6 +867,18 @@ fn check_idle(e: &Entry) -> Result<(), HttpError> {
         )),
         None => Ok(()),
     }
+}
+
+/// 409 for a verb the session's current state does not allow (`done`: "resumed now", …).
+fn wrong_state(e: &Entry, done: &str) -> HttpError {
+    HttpError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "session {} is {}; it cannot be {done}",
+            e.record.display_name(),
+            e.status.as_str()
+        ),
+    )
 }
 
 /// 409 for a verb only persistent sessions have (a temporary one's disk goes with its VM).
