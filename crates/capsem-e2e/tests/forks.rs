@@ -263,7 +263,13 @@ fn lasting_session_verbs_answer_bad_input_with_one_line_and_the_right_status() {
     assert_eq!(env.http("DELETE", "/images/snap", "").0, 409);
 
     // Resume while suspending: dirty some RAM so the save takes a while, and ask meanwhile.
-    env.ok(&["exec", "base", "head -c 300000000 /dev/urandom > /tmp/fill"]);
+    env.ok(&[
+        "exec",
+        "base",
+        "--timeout",
+        "120",
+        "yes capsem | head -c 300000000 > /tmp/fill",
+    ]);
     std::thread::scope(|s| {
         let suspend = s.spawn(|| env.capsem(&["suspend", "base"]));
         assert!(
