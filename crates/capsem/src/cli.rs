@@ -58,7 +58,8 @@ pub enum Command {
     Status(JsonFlag),
     /// Start the background service.
     Start,
-    /// Stop the background service (temporary sessions are destroyed).
+    /// Stop the background service (temporary sessions are destroyed, running persistent ones
+    /// suspended with their RAM).
     Stop,
     /// Print shell completions.
     Completions(CompletionsArgs),
