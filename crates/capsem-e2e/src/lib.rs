@@ -107,11 +107,13 @@ impl Env {
     /// Write `user.toml` (0600), as a user editing their settings would.
     pub fn write_settings(&self, text: &str) {
         write_private(&self.home.path().join("user.toml"), text);
+        policy_settles();
     }
 
     /// Write the corp lockdown file.
     pub fn write_corp(&self, text: &str) {
         write_private(&self.corp_file(), text);
+        policy_settles();
     }
 
     /// A `capsem` command with this home.
@@ -136,9 +138,10 @@ impl Env {
         let out = self.capsem(args);
         assert!(
             out.status.success(),
-            "capsem {args:?} failed ({}): {}",
+            "capsem {args:?} failed ({}): {}\n{}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.session_logs()
         );
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
@@ -161,6 +164,25 @@ impl Env {
     /// A session's `info --json`.
     pub fn info(&self, session: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["info", session, "--json"])).expect("info JSON")
+    }
+
+    /// The tail of every session's logs in this home, read from disk (for failure messages:
+    /// a boot that went wrong says why there).
+    pub fn session_logs(&self) -> String {
+        let mut text = String::new();
+        let dirs = std::fs::read_dir(self.path().join("sessions"));
+        for d in dirs.into_iter().flatten().flatten() {
+            for f in ["serial.log", "process.log"] {
+                let body = std::fs::read_to_string(d.path().join(f)).unwrap_or_default();
+                let lines: Vec<&str> = body.lines().collect();
+                text.push_str(&format!(
+                    "==> {}/{f} <==\n{}\n",
+                    d.file_name().to_string_lossy(),
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                ));
+            }
+        }
+        text
     }
 
     /// Ids of the sessions the service lists.
@@ -318,6 +340,13 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Running sessions re-read the policy files at most every 100 ms (`capsem_core::net::RECHECK`,
+/// the documented "within a tenth of a second"): wait that out, with a margin, so that a DNS
+/// answer and the request after it are judged by the same policy.
+fn policy_settles() {
+    std::thread::sleep(Duration::from_millis(250));
 }
 
 /// Replace `path` with `text`, mode 0600, and make sure its mtime moves even within the

@@ -35,8 +35,12 @@ const SUSPEND_LIMIT: Duration = Duration::from_secs(300);
 
 /// How long QEMU gets to connect its end of the channel after launch.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
-/// How long the guest gets to boot to the ready handshake.
-const READY_LIMIT: Duration = Duration::from_secs(90);
+/// How long a cold-booting guest gets to reach the ready handshake (a boot takes ~2 s under
+/// TCG); one that does not is booted again, once.
+const READY_LIMIT: Duration = Duration::from_secs(40);
+/// How long a resumed guest gets after it was hung up on; past that its saved state is set
+/// aside and the session boots cold.
+const RESUME_READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a resumed guest gets to greet before it is hung up on and asked again (one that
 /// missed the suspend's hang-up is still in its old session and never greets by itself).
 const RESUME_GREET_LIMIT: Duration = Duration::from_secs(3);
@@ -201,6 +205,8 @@ where
     let started = Instant::now();
     // Resuming: QEMU loads the saved state, then is told to continue; a state that does not
     // load is kept aside and the session boots cold from its disk.
+    // A cold boot that never reaches the handshake (a rare TCG hang) is tried once more.
+    let mut cold_retries = 1;
     let (mut vm, channel) = loop {
         let mut vm = hv.launch(&spec)?;
         tracing::info!(id = %cfg.id, pid = vm.pid, accel = cfg.accel.as_str(), resume = spec.incoming.is_some(), "VM launched");
@@ -211,8 +217,15 @@ where
         let outcome = tokio::select! {
             ch = connect_guest(&listener, spec.incoming.is_some()) => match ch {
                 Ok(ch) => Ok(ch),
-                // A state that fails to load ends QEMU, and with it the channel.
+                // A state that fails to load ends QEMU, and with it the channel; one that loads
+                // but whose guest never greets is as bad.
                 Err(e) if spec.incoming.is_some() => Err(e.to_string()),
+                Err(ChannelError::ReadyTimeout(limit)) if cold_retries > 0 => {
+                    cold_retries -= 1;
+                    let _ = vm.child.kill().await;
+                    tracing::warn!(id = %cfg.id, ?limit, "the guest did not come up; booting it again");
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             },
             status = vm.child.wait() => {
@@ -339,6 +352,7 @@ async fn connect_guest(
             }
             other => return other,
         }
+        return GuestChannel::establish(listener, CONNECT_LIMIT, RESUME_READY_LIMIT).await;
     }
     GuestChannel::establish(listener, CONNECT_LIMIT, READY_LIMIT).await
 }
