@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use capsem_core::api::{CreateRequest, ExecRequest, ExecResponse, ForkRequest, ImageInfo};
+use capsem_core::api::{ForkRequest, ImageInfo};
 use capsem_core::uds_http::UdsClient;
 use capsem_e2e::median;
 
@@ -19,32 +19,19 @@ fn main() {
     let client = UdsClient::new(socket);
     env.ok(&["start"]);
     for name in ["fresh", "loaded"] {
-        let _: serde_json::Value = rt
-            .block_on(client.post(
-                "/vms/create",
-                &CreateRequest {
-                    name: Some(name.into()),
-                    ram_mb: Some(2048),
-                    ..Default::default()
-                },
-            ))
-            .unwrap();
+        env.ok(&["create", name, "--ram", "2"]);
     }
     let t = Instant::now();
-    let fill: ExecResponse = rt
-        .block_on(client.post(
-            "/vms/loaded/exec",
-            &ExecRequest {
-                command: "yes capsem-fork-bench | head -c 1073741824 > /root/big && sync && du -m /root/big".into(),
-                timeout_secs: Some(900),
-                ..Default::default()
-            },
-        ))
-        .unwrap();
-    assert_eq!(fill.exit_code, 0, "{}", fill.stderr);
+    let fill = env.ok(&[
+        "exec",
+        "loaded",
+        "--timeout",
+        "900",
+        "yes capsem-fork-bench | head -c 1073741824 > /root/big && sync && du -m /root/big",
+    ]);
     println!(
         "wrote {} MiB to /root in the loaded session in {:.1} s",
-        fill.stdout.split_whitespace().next().unwrap_or("?"),
+        fill.split_whitespace().next().unwrap_or("?"),
         t.elapsed().as_secs_f64()
     );
 

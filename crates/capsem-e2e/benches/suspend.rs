@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use capsem_core::api::{CreateRequest, ExecRequest, ExecResponse, SessionInfo};
+use capsem_core::api::{CreateRequest, SessionInfo};
 use capsem_core::uds_http::UdsClient;
 use capsem_e2e::median;
 
@@ -53,27 +53,15 @@ fn main() {
     }
 
     // A --ram 4 session with 1 GiB of non-zero data in RAM (tmpfs).
-    let info: SessionInfo = rt
-        .block_on(client.post(
-            "/vms/create",
-            &CreateRequest {
-                name: Some("p3-big".into()),
-                ram_mb: Some(4096),
-                ..Default::default()
-            },
-        ))
-        .unwrap();
-    let fill: ExecResponse = rt
-        .block_on(client.post(
-            &format!("/vms/{}/exec", info.id),
-            &ExecRequest {
-                command: "python3 -c \"open('/dev/shm/fill','wb').write(b'Z' * (1 << 30))\" && du -m /dev/shm/fill".into(),
-                timeout_secs: Some(600),
-                ..Default::default()
-            },
-        ))
-        .unwrap();
-    assert_eq!(fill.exit_code, 0, "{}", fill.stderr);
+    env.ok(&["create", "p3-big", "--ram", "4"]);
+    env.ok(&[
+        "exec",
+        "p3-big",
+        "--timeout",
+        "600",
+        "python3 -c \"open('/dev/shm/fill','wb').write(b'Z' * (1 << 30))\" && du -m /dev/shm/fill",
+    ]);
+    let info: SessionInfo = serde_json::from_value(env.info("p3-big")).unwrap();
     let t = Instant::now();
     let _: SessionInfo = rt
         .block_on(client.post(&format!("/vms/{}/suspend", info.id), &empty))

@@ -7,18 +7,23 @@ use std::path::Path;
 
 use hyper::StatusCode;
 
-use super::{check_idle, internal, unavailable, wrong_state, HttpError, Service};
+use super::{check_idle, internal, named, unavailable, wrong_state, HttpError, Service};
 use crate::api::{FreezeResponse, ImageInfo, Status};
 use crate::disk;
 use crate::forks::{self, ImageRecord};
 use crate::record::now_secs;
 
+/// Which disk a clone starts from.
+enum Origin {
+    /// A fork image (its name).
+    Image(String),
+    /// A persistent session (its id).
+    Session(String),
+}
+
 /// Where a clone's disk comes from.
 pub(super) struct CloneSource {
-    /// Set when the source is a fork image (its name).
-    pub image: Option<String>,
-    /// Set when the source is a session (its id).
-    session: Option<String>,
+    origin: Origin,
     label: String,
     pub ram_mb: u32,
     pub cpus: u32,
@@ -26,6 +31,14 @@ pub(super) struct CloneSource {
 }
 
 impl CloneSource {
+    /// The fork image's name, when the source is one.
+    pub fn image(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::Image(name) => Some(name),
+            Origin::Session(_) => None,
+        }
+    }
+
     /// A disk made for other assets does not fit the current kernel and root filesystem.
     pub fn check_assets(&self, current: &str) -> Result<(), HttpError> {
         if self.asset_version == current {
@@ -47,8 +60,7 @@ impl Service {
         if forks::exists(self.home(), from) {
             let r = ImageRecord::load(&self.home().image_dir(from)).map_err(internal)?;
             return Ok(CloneSource {
-                image: Some(r.name.clone()),
-                session: None,
+                origin: Origin::Image(r.name.clone()),
                 label: format!("image {from}"),
                 ram_mb: r.ram_mb,
                 cpus: r.cpus,
@@ -78,8 +90,7 @@ impl Service {
             ));
         }
         Ok(CloneSource {
-            image: None,
-            session: Some(id.clone()),
+            origin: Origin::Session(id.clone()),
             label: format!("session {}", e.record.display_name()),
             ram_mb: e.record.ram_mb,
             cpus: e.record.cpus,
@@ -90,23 +101,21 @@ impl Service {
     /// Give the new session directory `dir` its source's disk: linked frozen layers plus a
     /// fresh writable top.
     pub(super) async fn clone_disk(&self, src: &CloneSource, dir: &Path) -> Result<(), HttpError> {
-        let (from, upto) = match (&src.image, &src.session) {
-            (Some(name), _) => {
+        let (from, upto) = match &src.origin {
+            Origin::Image(name) => {
                 let from = self.home().image_dir(name);
                 let top = disk::top(&from).map_err(internal)?.ok_or_else(|| {
                     HttpError::new(StatusCode::CONFLICT, format!("image {name} has no disk"))
                 })?;
                 (from, top)
             }
-            (None, Some(id)) => (self.home().session_dir(id), self.freeze(id).await?),
-            (None, None) => unreachable!("a clone source is an image or a session"),
+            Origin::Session(id) => (self.home().session_dir(id), self.freeze(id).await?),
         };
-        let dir = dir.to_path_buf();
+        let (dir, label) = (dir.to_path_buf(), src.label.clone());
         let made = async {
             let hv = crate::hypervisor::detect(self.accel().await?).map_err(unavailable)?;
             tokio::task::spawn_blocking(move || {
-                disk::link_layers(&from, &dir, upto)
-                    .map_err(|e| copy_failed(&src_label(&from), e))?;
+                disk::link_layers(&from, &dir, upto).map_err(|e| copy_failed(&label, e))?;
                 hv.create_disk(
                     &dir.join(disk::layer_name(upto)),
                     &dir.join(disk::layer_name(upto + 1)),
@@ -118,7 +127,7 @@ impl Service {
         }
         .await;
         // The source session was kept busy (nothing deletes it) until its layers were linked.
-        if let Some(id) = &src.session {
+        if let Origin::Session(id) = &src.origin {
             self.set_idle(id).await;
         }
         made
@@ -129,24 +138,24 @@ impl Service {
     /// stays busy — nothing deletes it — until the caller has linked the layers and calls
     /// `set_idle`.
     async fn freeze(&self, id: &str) -> Result<u32, HttpError> {
-        let client = {
-            let mut map = self.inner.sessions.lock().await;
-            let e = map.get_mut(id).ok_or_else(|| HttpError::not_found(id))?;
-            check_idle(e)?;
-            let client = match e.status {
-                Status::Running => Some(e.client.clone()),
-                // Stopped for sure: no QEMU writes the top any more.
-                Status::Suspended | Status::Crashed if *e.exited.borrow() => None,
-                _ => {
-                    return Err(wrong_state(
-                        e,
-                        "copied now (it can be when running, suspended or crashed)",
-                    ))
-                }
-            };
-            e.busy = Some("forking");
-            client
-        };
+        let client = self
+            .with_entry(id, id, |e| {
+                check_idle(e)?;
+                let client = match e.status {
+                    Status::Running => Some(e.client.clone()),
+                    // Stopped for sure: no QEMU writes the top any more.
+                    Status::Suspended | Status::Crashed if *e.exited.borrow() => None,
+                    _ => {
+                        return Err(wrong_state(
+                            e,
+                            "copied now (it can be when running, suspended or crashed)",
+                        ))
+                    }
+                };
+                e.busy = Some("forking");
+                Ok(client)
+            })
+            .await?;
         let frozen = async {
             match client {
                 Some(c) => c
@@ -211,7 +220,7 @@ impl Service {
         }
         let record = {
             let map = self.inner.sessions.lock().await;
-            if map.values().any(|e| e.record.name.as_deref() == Some(name)) {
+            if named(&map, name).is_some() {
                 return Err(taken("a session"));
             }
             let e = map.get(&id).ok_or_else(|| HttpError::not_found(query))?;
@@ -303,10 +312,4 @@ fn copy_failed(what: &str, e: std::io::Error) -> HttpError {
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("copying the disk of {what} failed ({e}); was it deleted meanwhile?"),
     )
-}
-
-fn src_label(dir: &Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

@@ -266,7 +266,7 @@ impl Service {
             env: req.env.into_iter().collect(),
             created_at: now_secs(),
             asset_version: assets.manifest.version.clone(),
-            from_image: source.as_ref().and_then(|s| s.image.clone()),
+            from_image: source.as_ref().and_then(|s| s.image().map(str::to_string)),
         };
         let (exited_tx, exited_rx) = watch::channel(false);
         {
@@ -347,19 +347,17 @@ impl Service {
     /// and QEMU end, and `resume` continues it.
     pub async fn suspend(&self, query: &str) -> Result<SessionInfo, HttpError> {
         let id = self.resolve(query).await?;
-        let (client, mut exited, pid) = {
-            let mut map = self.inner.sessions.lock().await;
-            let e = map
-                .get_mut(&id)
-                .ok_or_else(|| HttpError::not_found(query))?;
-            check_idle(e)?;
-            persistent_only(e, "suspended")?;
-            if e.status != Status::Running {
-                return Err(not_running(e));
-            }
-            e.status = Status::Suspending;
-            (e.client.clone(), e.exited.clone(), e.pid)
-        };
+        let (client, mut exited, pid) = self
+            .with_entry(&id, query, |e| {
+                check_idle(e)?;
+                persistent_only(e, "suspended")?;
+                if e.status != Status::Running {
+                    return Err(not_running(e));
+                }
+                e.status = Status::Suspending;
+                Ok((e.client.clone(), e.exited.clone(), e.pid))
+            })
+            .await?;
         let saved = client
             .post::<_, api::SuspendResponse>("/suspend", &serde_json::json!({}))
             .await;
@@ -370,26 +368,36 @@ impl Service {
             // writes the disk of a session the registry calls crashed.
             end_process(&id, &client, "/kill", exited, pid, Duration::from_secs(5)).await;
         }
+        self.with_entry(&id, query, |e| {
+            e.vm = None;
+            e.pid = None;
+            match saved {
+                Ok(r) => {
+                    tracing::info!(%id, bytes = r.state_bytes, ms = r.took_ms, "session suspended");
+                    e.status = Status::Suspended;
+                    Ok(session_info(e))
+                }
+                Err(err) => {
+                    e.status = Status::Crashed;
+                    Err(HttpError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("suspend failed: {}; the session's disk is intact, `capsem resume` boots it", crate::error_chain(&err)),
+                    ))
+                }
+            }
+        })
+        .await
+    }
+
+    /// Run `f` on session `id`'s entry under the registry lock; 404 naming `query` if it is gone.
+    async fn with_entry<T>(
+        &self,
+        id: &str,
+        query: &str,
+        f: impl FnOnce(&mut Entry) -> Result<T, HttpError>,
+    ) -> Result<T, HttpError> {
         let mut map = self.inner.sessions.lock().await;
-        let e = map
-            .get_mut(&id)
-            .ok_or_else(|| HttpError::not_found(query))?;
-        e.vm = None;
-        e.pid = None;
-        match saved {
-            Ok(r) => {
-                tracing::info!(%id, bytes = r.state_bytes, ms = r.took_ms, "session suspended");
-                e.status = Status::Suspended;
-                Ok(session_info(e))
-            }
-            Err(err) => {
-                e.status = Status::Crashed;
-                Err(HttpError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("suspend failed: {}; the session's disk is intact, `capsem resume` boots it", crate::error_chain(&err)),
-                ))
-            }
-        }
+        f(map.get_mut(id).ok_or_else(|| HttpError::not_found(query))?)
     }
 
     /// Resume a suspended session from its saved state (or a crashed persistent one from its
@@ -397,11 +405,7 @@ impl Service {
     /// image boots that image as a new persistent session of that name.
     pub async fn resume(&self, query: &str) -> Result<SessionInfo, HttpError> {
         // A session's exact name wins, then an image's name, then a session id (or prefix).
-        let named = {
-            let map = self.inner.sessions.lock().await;
-            map.values()
-                .any(|e| e.record.name.as_deref() == Some(query))
-        };
+        let named = named(&*self.inner.sessions.lock().await, query).is_some();
         if !named && crate::forks::exists(self.home(), query) {
             return self
                 .create(CreateRequest {
@@ -413,46 +417,46 @@ impl Service {
                 .await;
         }
         let id = self.resolve(query).await?;
-        {
-            let mut map = self.inner.sessions.lock().await;
-            let e = map
-                .get_mut(&id)
-                .ok_or_else(|| HttpError::not_found(query))?;
-            check_idle(e)?;
-            match e.status {
-                Status::Running => return Ok(session_info(e)),
-                Status::Suspended | Status::Crashed if e.record.persistent => {
-                    e.status = Status::Creating;
+        let running = self
+            .with_entry(&id, query, |e| {
+                check_idle(e)?;
+                match e.status {
+                    Status::Running => Ok(Some(session_info(e))),
+                    Status::Suspended | Status::Crashed if e.record.persistent => {
+                        e.status = Status::Creating;
+                        Ok(None)
+                    }
+                    _ => Err(wrong_state(e, "resumed now")),
                 }
-                _ => return Err(wrong_state(e, "resumed now")),
-            }
+            })
+            .await?;
+        match running {
+            Some(info) => Ok(info),
+            None => self.boot_existing(&id).await,
         }
-        self.boot_existing(&id).await
     }
 
     /// Reboot a persistent session with the same disk. A suspended one drops its saved RAM
     /// state and boots cold.
     pub async fn restart(&self, query: &str) -> Result<SessionInfo, HttpError> {
         let id = self.resolve(query).await?;
-        let running = {
-            let mut map = self.inner.sessions.lock().await;
-            let e = map
-                .get_mut(&id)
-                .ok_or_else(|| HttpError::not_found(query))?;
-            check_idle(e)?;
-            persistent_only(e, "restarted")?;
-            match e.status {
-                Status::Running => {
-                    e.status = Status::Restarting;
-                    Some((e.client.clone(), e.exited.clone(), e.pid))
+        let running = self
+            .with_entry(&id, query, |e| {
+                check_idle(e)?;
+                persistent_only(e, "restarted")?;
+                match e.status {
+                    Status::Running => {
+                        e.status = Status::Restarting;
+                        Ok(Some((e.client.clone(), e.exited.clone(), e.pid)))
+                    }
+                    Status::Suspended | Status::Crashed => {
+                        e.status = Status::Creating;
+                        Ok(None)
+                    }
+                    _ => Err(wrong_state(e, "restarted now")),
                 }
-                Status::Suspended | Status::Crashed => {
-                    e.status = Status::Creating;
-                    None
-                }
-                _ => return Err(wrong_state(e, "restarted now")),
-            }
-        };
+            })
+            .await?;
         if let Some((client, exited, pid)) = running {
             // The guest syncs, unmounts and powers off.
             end_process(
@@ -895,12 +899,15 @@ fn persistent_only(e: &Entry, done: &str) -> Result<(), HttpError> {
     ))
 }
 
+/// The session named exactly `name`, if any.
+fn named<'a>(map: &'a HashMap<String, Entry>, name: &str) -> Option<&'a Entry> {
+    map.values()
+        .find(|e| e.record.name.as_deref() == Some(name))
+}
+
 /// 409 when a session other than `id` already has `name`.
 fn name_free(map: &HashMap<String, Entry>, name: &str, id: &str) -> Result<(), HttpError> {
-    if map
-        .values()
-        .any(|e| e.record.id != id && e.record.name.as_deref() == Some(name))
-    {
+    if named(map, name).is_some_and(|e| e.record.id != id) {
         return Err(HttpError::new(
             StatusCode::CONFLICT,
             format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),

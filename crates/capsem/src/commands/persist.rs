@@ -24,25 +24,28 @@ pub async fn run(target: &Target, a: PersistArgs) -> anyhow::Result<i32> {
 }
 
 pub async fn suspend(target: &Target, session: &str) -> anyhow::Result<i32> {
-    let info = post_with_spinner(target, session, "suspend", "saving the VM to disk").await?;
-    println!("suspended {}", info.name.as_deref().unwrap_or(&info.id));
-    Ok(0)
+    lifecycle(target, session, "suspend", "saving the VM to disk", "").await
 }
 
 pub async fn resume(target: &Target, session: &str) -> anyhow::Result<i32> {
-    let info = post_with_spinner(target, session, "resume", "resuming").await?;
-    println!(
-        "{} is {}",
-        info.name.as_deref().unwrap_or(&info.id),
-        info.status.as_str()
-    );
-    Ok(0)
+    lifecycle(target, session, "resume", "resuming", "").await
 }
 
 pub async fn restart(target: &Target, session: &str) -> anyhow::Result<i32> {
-    let info = post_with_spinner(target, session, "restart", "rebooting").await?;
+    lifecycle(target, session, "restart", "rebooting", " (rebooted)").await
+}
+
+/// Run one lifecycle verb and say where the session stands: `NAME is STATUS` and `note`.
+async fn lifecycle(
+    target: &Target,
+    session: &str,
+    action: &str,
+    doing: &str,
+    note: &str,
+) -> anyhow::Result<i32> {
+    let info = post_with_spinner(target, session, action, doing).await?;
     println!(
-        "{} is {} (rebooted)",
+        "{} is {}{note}",
         info.name.as_deref().unwrap_or(&info.id),
         info.status.as_str()
     );
