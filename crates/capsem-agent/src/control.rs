@@ -25,9 +25,11 @@ pub enum ControlError {
     Close(#[source] std::io::Error),
 }
 
-/// Serve one control stream. With `sync_before_shutdown`, filesystems are synced before a
-/// shutdown request is acknowledged (so `Done` means the data is on disk).
-pub async fn handle<S>(mut stream: S, sync_before_shutdown: bool) -> Result<Outcome, ControlError>
+/// Serve one control stream. `in_vm`: this agent is the VM's (not a standalone test run), so
+/// filesystems are synced before a shutdown request is acknowledged (`Done` means the data is
+/// on disk), and an [`ControlRequest::Identity`] may change the machine's hostname, RNG and
+/// clock (anywhere else it is refused).
+pub async fn handle<S>(mut stream: S, in_vm: bool) -> Result<Outcome, ControlError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -41,8 +43,20 @@ where
             (write_file(&path, &data, mode), Outcome::Done)
         }
         ControlRequest::TrustCa { pem } => (trust_ca(&pem), Outcome::Done),
+        ControlRequest::Identity {
+            hostname,
+            seed,
+            unix_ns,
+        } => {
+            let resp = if in_vm {
+                identity(&hostname, &seed, unix_ns)
+            } else {
+                error("cannot take an identity", "outside a VM", "refused")
+            };
+            (resp, Outcome::Done)
+        }
         ControlRequest::Shutdown { reboot } => {
-            if sync_before_shutdown {
+            if in_vm {
                 crate::power::sync();
             }
             (ControlResponse::Done, Outcome::Shutdown { reboot })
@@ -106,6 +120,25 @@ fn write_file(path: &str, data: &[u8], mode: Option<u32>) -> ControlResponse {
 
 /// Install `pem` as [`crate::env::CA_FILE`] and append it to the system bundle unless the
 /// bundle already holds it (a resumed or restarted session gets the same request again).
+/// Take on a new session's identity after a restore (see [`ControlRequest::Identity`]).
+fn identity(hostname: &str, seed: &[u8], unix_ns: u64) -> ControlResponse {
+    if let Err(e) = crate::boot::entropy::reseed(seed) {
+        return error("cannot reseed", "the kernel RNG", e);
+    }
+    if let Err(e) = nix::unistd::sethostname(hostname) {
+        return error("cannot set", "the hostname", e);
+    }
+    let ts = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as _,
+        tv_nsec: (unix_ns % 1_000_000_000) as _,
+    };
+    // SAFETY: clock_settime reads the timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return error("cannot set", "the clock", std::io::Error::last_os_error());
+    }
+    ControlResponse::Done
+}
+
 fn trust_ca(pem: &str) -> ControlResponse {
     use std::io::Write;
     let pem = pem.trim_end().to_string() + "\n";

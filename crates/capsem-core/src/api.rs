@@ -110,6 +110,32 @@ pub struct VmInfo {
     pub boot: BootTiming,
     /// Host wall time from launching QEMU to the guest's ready handshake.
     pub boot_wall_ms: u64,
+    /// How the guest came up.
+    #[serde(default)]
+    pub start: StartKind,
+}
+
+/// How a session's guest came up.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartKind {
+    /// Booted its kernel.
+    #[default]
+    Cold,
+    /// Restored from the warm-start template (see `crate::warm`).
+    Warm,
+    /// Restored from its own suspended state.
+    Resumed,
+}
+
+impl StartKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Cold => "cold",
+            StartKind::Warm => "warm",
+            StartKind::Resumed => "resumed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,6 +239,25 @@ pub struct SuspendResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FreezeResponse {
     pub frozen: u32,
+    pub took_ms: u64,
+}
+
+/// `POST /warm`: build the warm-start template for this size (defaults: a session's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WarmRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_mb: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+}
+
+/// What a template build did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WarmResponse {
+    pub key: String,
+    /// False when a template for this size was there already.
+    pub built: bool,
+    pub state_bytes: u64,
     pub took_ms: u64,
 }
 

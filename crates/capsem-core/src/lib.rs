@@ -17,6 +17,7 @@ pub mod record;
 pub mod service;
 pub mod telemetry;
 pub mod uds_http;
+pub mod warm;
 
 /// Render an error and its sources as one line: `outer: cause: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

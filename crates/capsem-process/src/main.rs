@@ -16,8 +16,18 @@ use clap::Parser;
 #[command(version)]
 struct Args {
     /// Session id (its directory under $CAPSEM_HOME/sessions must exist).
+    #[arg(long, required_unless_present = "warm")]
+    id: Option<String>,
+    /// Instead of serving a session, build the warm-start template for `--ram-mb` × `--cpus`
+    /// and print what was done as one JSON line.
+    #[arg(long, requires_all = ["ram_mb", "cpus"], conflicts_with = "id")]
+    warm: bool,
+    /// RAM of the template, MiB (with --warm).
     #[arg(long)]
-    id: String,
+    ram_mb: Option<u32>,
+    /// vCPUs of the template (with --warm).
+    #[arg(long)]
+    cpus: Option<u32>,
     /// Accelerator: kvm or tcg.
     #[arg(long, value_parser = ["kvm", "tcg"])]
     accel: String,
@@ -45,11 +55,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cfg = InstanceConfig {
-        home,
-        id: args.id,
-        accel: Accel::parse(&args.accel).expect("clap checked the value"),
+    let accel = Accel::parse(&args.accel).expect("clap checked the value");
+    let Some(id) = args.id else {
+        let (ram_mb, cpus) = (args.ram_mb.unwrap_or(0), args.cpus.unwrap_or(0));
+        return build_template(&home, accel, ram_mb, cpus);
     };
+    let cfg = InstanceConfig { home, id, accel };
     let ready_fd = args.ready_fd;
     if let Some(fd) = ready_fd {
         // Keep the ready pipe out of QEMU, or the service would never see it close.
@@ -68,16 +79,9 @@ fn main() -> ExitCode {
         buf.push(b'\n');
         let _ = f.write_all(&buf);
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("capsem-process: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     // QEMU is spawned from inside this block_on, i.e. on the main thread, which lives as long as
     // the process: its parent-death signal then fires exactly when this process dies.
@@ -85,6 +89,38 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", capsem_core::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("capsem-process: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `--warm`: build the template, print the report (or the error) as one JSON line on stdout.
+fn build_template(home: &Home, accel: Accel, ram_mb: u32, cpus: u32) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // As with a session, QEMU is spawned on the main thread (see `main`).
+    match rt.block_on(instance::build_template(home, accel, ram_mb, cpus)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let why = capsem_core::error_chain(&e);
+            tracing::error!("{why}");
+            println!("{}", serde_json::json!({ "error": why }));
             ExitCode::FAILURE
         }
     }

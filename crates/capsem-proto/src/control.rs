@@ -20,6 +20,15 @@ pub enum ControlRequest {
     /// Trust this PEM certificate (the capsem CA) system-wide: the OpenSSL bundle and the
     /// variables exec and shell set for Python and Node. Idempotent.
     TrustCa { pem: String },
+    /// A guest restored from a saved machine (a warm start or a resume) takes on the identity
+    /// of its new session: the hostname, fresh entropy mixed into the kernel RNG and a forced
+    /// reseed (every guest restored from one saved state would otherwise draw the same
+    /// numbers), and the host's wall clock (the saved clock is as old as the save).
+    Identity {
+        hostname: String,
+        seed: ByteBuf,
+        unix_ns: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

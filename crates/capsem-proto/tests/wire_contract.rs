@@ -33,7 +33,7 @@ fn exit_tag_leads_the_exit_frame() {
 
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 #[test]
@@ -70,6 +70,14 @@ fn encodings_are_stable() {
         (
             hex(&ControlRequest::TrustCa { pem: "P".into() }),
             "03000000 040150",
+        ),
+        (
+            hex(&ControlRequest::Identity {
+                hostname: "h".into(),
+                seed: ByteBuf::from(vec![1u8]),
+                unix_ns: 2,
+            }),
+            "06000000 05016801 0102",
         ),
         (
             hex(&NetOpen::Dns { name: "a.b".into() }),

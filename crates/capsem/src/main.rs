@@ -36,7 +36,7 @@ fn main() {
 }
 
 /// The error chain on one line, without repeating a cause already in the message.
-fn render(e: &anyhow::Error) -> String {
+pub(crate) fn render(e: &anyhow::Error) -> String {
     let mut s = e.to_string();
     for cause in e.chain().skip(1) {
         let c = cause.to_string();

@@ -15,6 +15,8 @@ use std::os::fd::AsRawFd;
 
 /// `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// Most seed bytes taken from the command line.
 const MAX_SEED: usize = 64;
 
@@ -60,6 +62,25 @@ fn credit(seed: &[u8]) -> io::Result<()> {
     // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buffer holds buf_size bytes.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, &info) };
     if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mix fresh host entropy into the pool and force the CRNG to reseed from it, so a guest
+/// restored from a saved machine stops sharing its random stream with every other guest
+/// restored from the same state. Needs at least 16 bytes.
+pub fn reseed(seed: &[u8]) -> io::Result<()> {
+    if seed.len() < 16 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a reseed needs at least 16 bytes of entropy",
+        ));
+    }
+    credit(&seed[..seed.len().min(MAX_SEED)])?;
+    let f = std::fs::File::open("/dev/urandom")?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

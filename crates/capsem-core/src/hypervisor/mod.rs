@@ -89,6 +89,9 @@ pub trait Hypervisor: Send + Sync {
     ) -> Result<(), HypervisorError>;
     /// Start the VM. The returned child is killed if the calling process dies.
     fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
+    /// Everything about how `spec` would be launched (binary, machine, kernel command line): a
+    /// machine saved under one fingerprint is only restored into a launch with the same.
+    fn fingerprint(&self, spec: &VmSpec) -> String;
 }
 
 /// The backend for this host.

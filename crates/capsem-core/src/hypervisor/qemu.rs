@@ -99,6 +99,19 @@ impl Hypervisor for Qemu {
         "qemu"
     }
 
+    fn fingerprint(&self, spec: &VmSpec) -> String {
+        use std::os::unix::fs::MetadataExt;
+        // The binary by identity (a QEMU upgrade may change the migration format).
+        let binary = std::fs::metadata(&self.binary)
+            .map(|m| format!("{} {} {}", m.size(), m.mtime(), m.mtime_nsec()))
+            .unwrap_or_default();
+        format!(
+            "{} [{binary}] {}",
+            self.binary.display(),
+            self.args(spec).join(" ")
+        )
+    }
+
     fn accel(&self) -> Accel {
         self.accel
     }

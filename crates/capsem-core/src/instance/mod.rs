@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::api::VmInfo;
+use crate::api::{StartKind, VmInfo};
 use crate::channel::{ChannelError, GuestChannel};
 use crate::hypervisor::{self, Accel, HypervisorError, VmSpec};
 use crate::paths::Home;
@@ -77,6 +77,10 @@ pub enum InstanceError {
     TrustCa(String),
     #[error("setting up the session's network failed: {0}")]
     NetworkSetup(String),
+    #[error("the restored guest did not take its new identity: {0}")]
+    Identity(String),
+    #[error("building the warm-start template failed: {0}")]
+    Template(String),
 }
 
 pub struct InstanceConfig {
@@ -166,15 +170,38 @@ where
     };
 
     tracing::debug!(id = %cfg.id, "instance: starting");
-    // The top layer of the session's disk chain (a clone arrives with its layers linked in).
+    let cmdline_extra = kernel_args_from_env();
+    // The top layer of the session's disk chain (a clone arrives with its layers linked in). A
+    // new ephemeral session starts from the warm-start template when there is one for its size.
+    let mut template = None;
     let disk =
         match crate::disk::top_path(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))? {
             Some(top) => top,
             None => {
-                let disk = dir.join(crate::disk::FIRST);
-                hv.create_disk(&assets.base_disk, &disk)?;
-                tracing::debug!(id = %cfg.id, "instance: disk created");
-                disk
+                if !record.persistent && crate::warm::enabled() {
+                    let key = crate::warm::key(
+                        &assets,
+                        hv.as_ref(),
+                        record.ram_mb,
+                        record.cpus,
+                        &cmdline_extra,
+                    );
+                    template = crate::warm::find(&assets, &key);
+                }
+                let warm = template
+                    .as_ref()
+                    .map(|t| crate::warm::take_disk(t, &dir, hv.as_ref()));
+                match warm {
+                    Some(Ok(top)) => top,
+                    other => {
+                        if let Some(Err(e)) = other {
+                            tracing::warn!(id = %cfg.id, error = %crate::error_chain(&e), "cannot take the warm-start template's disk; booting cold");
+                            crate::warm::drop_disk(&dir);
+                            template = None;
+                        }
+                        cold_disk(hv.as_ref(), &assets, &dir)?
+                    }
+                }
             }
         };
     // The VM writes the top from now on: it is no longer a fresh copy point.
@@ -186,6 +213,7 @@ where
             source,
         })?;
     let state = dir.join(STATE_DIR).join(STATE_FILE);
+    let own_state = state.is_file();
     let mut spec = VmSpec {
         kernel: assets.kernel.clone(),
         initrd: assets.initrd.clone(),
@@ -197,10 +225,17 @@ where
         control_socket: dir.join("qmp.sock"),
         serial_log: dir.join("serial.log"),
         hostname: record.name.clone().unwrap_or_else(|| "capsem".into()),
-        incoming: state.is_file().then(|| state.clone()),
-        cmdline_extra: std::env::var(KERNEL_ARGS_ENV)
-            .map(|v| v.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default(),
+        incoming: if own_state {
+            Some(state.clone())
+        } else {
+            template.as_ref().map(crate::warm::Template::state)
+        },
+        cmdline_extra,
+    };
+    let mut start = match (&spec.incoming, &template) {
+        (None, _) => StartKind::Cold,
+        (Some(_), Some(_)) => StartKind::Warm,
+        (Some(_), None) => StartKind::Resumed,
     };
     let started = Instant::now();
     // Resuming: QEMU loads the saved state, then is told to continue; a state that does not
@@ -238,15 +273,30 @@ where
         match outcome {
             Ok(ch) => {
                 if let Some(state) = spec.incoming.take() {
-                    // Consumed: the disk moves on from here.
-                    let _ = std::fs::remove_file(&state);
-                    tracing::info!(id = %cfg.id, "resumed from saved state");
+                    if template.is_none() {
+                        // Consumed: the disk moves on from here.
+                        let _ = std::fs::remove_file(&state);
+                    }
+                    tracing::info!(id = %cfg.id, start = start.as_str(), "restored from saved state");
                 }
                 break (vm, ch);
+            }
+            Err(why) if template.is_some() => {
+                // A template that does not load is of no use to anyone: take it out of use
+                // and boot this session cold on a disk of its own.
+                let _ = vm.child.kill().await;
+                let t = template.take().expect("checked");
+                crate::warm::discard(&t);
+                crate::warm::drop_disk(&dir);
+                spec.incoming = None;
+                spec.disk = cold_disk(hv.as_ref(), &assets, &dir)?;
+                start = StartKind::Cold;
+                tracing::warn!(id = %cfg.id, %why, "the warm-start template did not load; discarded, booting cold");
             }
             Err(why) if spec.incoming.is_some() => {
                 let _ = vm.child.kill().await;
                 let state = spec.incoming.take().expect("checked");
+                start = StartKind::Cold;
                 let aside = state.with_extension("bad");
                 let _ = std::fs::rename(&state, &aside);
                 tracing::warn!(id = %cfg.id, %why, aside = %aside.display(), "saved state did not load; kept aside, booting cold from the disk");
@@ -262,6 +312,9 @@ where
     );
     let guest = channel.handle();
     serve_guest_streams(channel.inbound, network.clone());
+    if start != StartKind::Cold {
+        take_identity(&guest, &spec.hostname).await?;
+    }
     match guest
         .control(&capsem_proto::control::ControlRequest::TrustCa {
             pem: network.ca.cert_pem().to_string(),
@@ -281,8 +334,9 @@ where
         kernel_release: channel.ready.kernel_release.clone(),
         boot: channel.ready.boot.clone(),
         boot_wall_ms,
+        start,
     };
-    tracing::info!(id = %cfg.id, boot_wall_ms, guest_ready_ms = info.boot.ready_ms, "guest ready");
+    tracing::info!(id = %cfg.id, boot_wall_ms, start = start.as_str(), guest_ready_ms = info.boot.ready_ms, "guest ready");
 
     let sock = cfg.home.instance_socket(&cfg.id);
     let api = crate::uds_http::bind_private(&sock).map_err(|source| InstanceError::Bind {
@@ -357,6 +411,47 @@ async fn connect_guest(
     GuestChannel::establish(listener, CONNECT_LIMIT, READY_LIMIT).await
 }
 
+/// `CAPSEM_KERNEL_ARGS`, split into words.
+fn kernel_args_from_env() -> Vec<String> {
+    std::env::var(KERNEL_ARGS_ENV)
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// A new top layer over the empty base disk, for a cold boot.
+fn cold_disk(
+    hv: &dyn hypervisor::Hypervisor,
+    assets: &crate::image::Assets,
+    dir: &std::path::Path,
+) -> Result<PathBuf, InstanceError> {
+    let disk = dir.join(crate::disk::FIRST);
+    hv.create_disk(&assets.base_disk, &disk)?;
+    tracing::debug!("instance: disk created");
+    Ok(disk)
+}
+
+/// A restored guest becomes this session's: hostname, fresh entropy and a forced RNG reseed
+/// (every guest restored from one template would otherwise share its random stream), and the
+/// host's clock. No exec runs before this returns.
+async fn take_identity(guest: &crate::channel::Guest, hostname: &str) -> Result<(), InstanceError> {
+    let seed: [u8; 32] = rand::random();
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    match guest
+        .control(&capsem_proto::control::ControlRequest::Identity {
+            hostname: hostname.to_string(),
+            seed: serde_bytes::ByteBuf::from(seed.to_vec()),
+            unix_ns,
+        })
+        .await?
+    {
+        capsem_proto::control::ControlResponse::Done => Ok(()),
+        other => Err(InstanceError::Identity(format!("{other:?}"))),
+    }
+}
+
 /// Hand every stream the guest opens on the network port to the proxy; others are closed.
 fn serve_guest_streams(
     mut inbound: tokio::sync::mpsc::Receiver<yamux::Stream>,
@@ -405,15 +500,40 @@ async fn continue_after_load(control: PathBuf) {
 /// device state to `state/vm.state` (written aside, fsynced, renamed), and quit QEMU.
 pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     let _op = inst.ops.lock().await;
-    guest_sync(inst).await?;
-    let serial = inst.dir.join("serial.log");
+    let size = save_machine(
+        &inst.guest,
+        &inst.hangup,
+        &inst.dir,
+        &inst.dir.join(STATE_DIR).join(STATE_FILE),
+        || {
+            inst.suspending
+                .store(true, std::sync::atomic::Ordering::SeqCst)
+        },
+    )
+    .await?;
+    inst.saved.notify_one();
+    Ok(size)
+}
+
+/// Save a running VM whose session files are in `dir` to `state` (RAM and devices, as QEMU's
+/// migration stream): sync the guest, call `hanging_up`, hang up the channel and wait until the
+/// agent is back to waiting for a host (so the restored guest greets a new host at once), pause,
+/// migrate to `state` (written aside, fsynced, renamed). The VM stays paused.
+async fn save_machine(
+    guest: &crate::channel::Guest,
+    hangup: &std::os::unix::net::UnixStream,
+    dir: &std::path::Path,
+    state: &std::path::Path,
+    hanging_up: impl FnOnce(),
+) -> Result<u64, String> {
+    guest_sync(guest).await?;
+    let serial = dir.join("serial.log");
     let waits = |t: &str| t.matches("waiting for the host").count();
     let before = waits(&std::fs::read_to_string(&serial).unwrap_or_default());
-    inst.suspending
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    hanging_up();
     let stale = std::env::var_os(FAULT_STALE_SUSPEND_ENV).is_some();
     if !stale {
-        let _ = inst.hangup.shutdown(std::net::Shutdown::Both);
+        let _ = hangup.shutdown(std::net::Shutdown::Both);
     }
     // Let the agent see the hang-up before the machine stops (it says so on the console).
     // (A state saved before it did resumes into a stale session; resume recovers from that
@@ -429,10 +549,11 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let dir = inst.dir.join(STATE_DIR);
-    crate::paths::private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let tmp = dir.join("vm.state.partial");
-    let mut q = paused(inst).await?;
+    let state_dir = state.parent().unwrap_or(dir);
+    crate::paths::private_dir(state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
+    let tmp = state.with_extension("partial");
+    let mut q = paused(dir).await?;
     // QEMU caps migration at 128 MiB/s by default (meant for live migration over a network);
     // saving a paused VM to a local file should go as fast as the disk takes it.
     q.execute(
@@ -457,7 +578,7 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
             "completed" => break,
             "failed" | "cancelled" => {
                 // The channel is gone: nothing useful can run on; the caller sees the error
-                // and the session ends as crashed, its disk intact.
+                // (a session ends as crashed, its disk intact).
                 let _ = q.execute("quit", serde_json::Value::Null).await;
                 return Err(format!(
                     "saving the VM state failed: {}",
@@ -474,16 +595,14 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
         })
         .map(|m| m.len())
         .map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
-    let state = dir.join(STATE_FILE);
-    std::fs::rename(&tmp, &state).map_err(|e| format!("cannot save {}: {e}", state.display()))?;
-    let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
-    inst.saved.notify_one();
+    std::fs::rename(&tmp, state).map_err(|e| format!("cannot save {}: {e}", state.display()))?;
+    let _ = std::fs::File::open(state_dir).and_then(|d| d.sync_all());
     Ok(size)
 }
 
-/// A QMP connection to the VM, which it has just paused.
-async fn paused(inst: &Instance) -> Result<crate::hypervisor::qmp::Qmp, String> {
-    let mut q = crate::hypervisor::qmp::Qmp::connect(&inst.dir.join("qmp.sock"), CONNECT_LIMIT)
+/// A QMP connection to the VM whose session files are in `dir`, which it has just paused.
+async fn paused(dir: &std::path::Path) -> Result<crate::hypervisor::qmp::Qmp, String> {
+    let mut q = crate::hypervisor::qmp::Qmp::connect(&dir.join("qmp.sock"), CONNECT_LIMIT)
         .await
         .map_err(|e| e.to_string())?;
     q.execute("stop", serde_json::Value::Null)
@@ -493,7 +612,7 @@ async fn paused(inst: &Instance) -> Result<crate::hypervisor::qmp::Qmp, String> 
 }
 
 /// Flush the guest's page cache to its disk (so a pause or copy sees what programs wrote).
-async fn guest_sync(inst: &Instance) -> Result<(), String> {
+async fn guest_sync(guest: &crate::channel::Guest) -> Result<(), String> {
     let job = capsem_proto::exec::ExecRequest {
         command: capsem_proto::exec::Command::Shell("sync".into()),
         env: vec![],
@@ -501,7 +620,7 @@ async fn guest_sync(inst: &Instance) -> Result<(), String> {
         stdin: false,
         timeout_ms: Some(30_000),
     };
-    inst.guest
+    guest
         .exec(&job)
         .await
         .map(drop)
@@ -517,7 +636,7 @@ pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
     if inst.suspending.load(std::sync::atomic::Ordering::SeqCst) {
         return Err("the session is being suspended".into());
     }
-    guest_sync(inst).await?;
+    guest_sync(&inst.guest).await?;
     let top = crate::disk::top(&inst.dir)
         .map_err(|e| format!("cannot read the session's disk layers: {e}"))?
         .ok_or("the session has no disk")?;
@@ -526,7 +645,7 @@ pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
     inst.hv
         .create_disk(&below, &next)
         .map_err(|e| crate::error_chain(&e))?;
-    let mut q = match paused(inst).await {
+    let mut q = match paused(&inst.dir).await {
         Ok(q) => q,
         Err(e) => {
             let _ = std::fs::remove_file(&next);
@@ -553,4 +672,167 @@ pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
     // The switch happened: QEMU writes `next` now, so it stays whatever `cont` says.
     resumed.map_err(|e| format!("the VM did not continue after the copy: {e}"))?;
     Ok(top)
+}
+
+/// How many times a template build is tried before giving up.
+const TEMPLATE_TRIES: u32 = 2;
+
+/// Build the warm-start template for `ram_mb` × `cpus` (see [`crate::warm`]) unless there is
+/// one: boot a guest cold with no session identity, run one command so the shell and libc are
+/// in its page cache, save it the way a suspend does, restore the saved state once to check that
+/// it greets at once, and publish it.
+pub async fn build_template(
+    home: &Home,
+    accel: Accel,
+    ram_mb: u32,
+    cpus: u32,
+) -> Result<crate::api::WarmResponse, InstanceError> {
+    let started = Instant::now();
+    let assets = crate::image::load(&home.assets_root())?;
+    let hv = hypervisor::detect(accel)?;
+    let extra = kernel_args_from_env();
+    let key = crate::warm::key(&assets, hv.as_ref(), ram_mb, cpus, &extra);
+    if crate::warm::find(&assets, &key).is_some() {
+        return Ok(crate::api::WarmResponse {
+            key,
+            built: false,
+            state_bytes: 0,
+            took_ms: 0,
+        });
+    }
+    let mut last = String::new();
+    for attempt in 1..=TEMPLATE_TRIES {
+        let staging = crate::warm::staging_dir(&assets, &key)
+            .map_err(|e| InstanceError::Template(crate::error_chain(&e)))?;
+        match make_template(hv.as_ref(), &assets, &staging, ram_mb, cpus, &extra).await {
+            Ok(state_bytes) => {
+                let meta = crate::warm::TemplateMeta {
+                    key: key.clone(),
+                    ram_mb,
+                    cpus,
+                    assets: crate::warm::assets_digest(&assets),
+                    created_at: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    state_bytes,
+                };
+                crate::warm::publish(&assets, &staging, &meta)
+                    .map_err(|e| InstanceError::Template(crate::error_chain(&e)))?;
+                return Ok(crate::api::WarmResponse {
+                    key,
+                    built: true,
+                    state_bytes,
+                    took_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            Err(e) => {
+                last = crate::error_chain(&e);
+                tracing::warn!(attempt, error = %last, "template build failed");
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
+    }
+    Err(InstanceError::Template(last))
+}
+
+/// One template build in `staging`; returns the saved state's size.
+async fn make_template(
+    hv: &dyn hypervisor::Hypervisor,
+    assets: &crate::image::Assets,
+    staging: &std::path::Path,
+    ram_mb: u32,
+    cpus: u32,
+    extra: &[String],
+) -> Result<u64, InstanceError> {
+    let mut spec = crate::warm::template_spec(assets, ram_mb, cpus, extra);
+    spec.disk = cold_disk(hv, assets, staging)?;
+    spec.channel_socket = staging.join("channel.sock");
+    spec.control_socket = staging.join("qmp.sock");
+    spec.serial_log = staging.join("serial.log");
+    let listener = bind(&spec.channel_socket)?;
+    let mut vm = hv.launch(&spec)?;
+    let channel = tokio::select! {
+        ch = GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT) => ch?,
+        status = vm.child.wait() => return Err(InstanceError::VmExited(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
+    };
+    let guest = channel.handle();
+    let mut inbound = channel.inbound;
+    tokio::spawn(async move { while inbound.recv().await.is_some() {} });
+    // The first command of every session would read the shell and libc from the squashfs.
+    warm_up(&guest).await?;
+    let state = staging.join(crate::warm::STATE_FILE);
+    let saved = save_machine(&guest, &channel.hangup, staging, &state, || {}).await;
+    let _ = vm.child.kill().await;
+    let bytes = saved.map_err(InstanceError::Template)?;
+    verify_template(hv, &spec, staging, &state).await?;
+    for f in ["channel.sock", "qmp.sock"] {
+        let _ = std::fs::remove_file(staging.join(f));
+    }
+    Ok(bytes)
+}
+
+/// Restore a just-saved template once, in a scratch directory with its own disk top: it must
+/// greet without being hung up on again (or every warm start would wait for that) and run a
+/// command.
+async fn verify_template(
+    hv: &dyn hypervisor::Hypervisor,
+    spec: &VmSpec,
+    staging: &std::path::Path,
+    state: &std::path::Path,
+) -> Result<(), InstanceError> {
+    let scratch = staging.join("verify");
+    crate::paths::private_dir(&scratch).map_err(|source| InstanceError::Bind {
+        path: scratch.clone(),
+        source,
+    })?;
+    let mut spec = spec.clone();
+    let top = scratch.join(crate::disk::layer_name(1));
+    hv.create_disk(&spec.disk, &top)?;
+    spec.disk = top;
+    spec.channel_socket = scratch.join("channel.sock");
+    spec.control_socket = scratch.join("qmp.sock");
+    spec.serial_log = scratch.join("serial.log");
+    spec.incoming = Some(state.to_path_buf());
+    let listener = bind(&spec.channel_socket)?;
+    let mut vm = hv.launch(&spec)?;
+    let resumer = tokio::spawn(continue_after_load(spec.control_socket.clone()));
+    let checked = async {
+        let ch = tokio::select! {
+            ch = GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_GREET_LIMIT) => ch
+                .map_err(|e| InstanceError::Template(format!("the restored template did not greet: {e}")))?,
+            status = vm.child.wait() => return Err(InstanceError::VmExited(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
+        };
+        warm_up(&ch.handle()).await
+    }
+    .await;
+    resumer.abort();
+    let _ = vm.child.kill().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    checked
+}
+
+/// Run `true` in the guest.
+async fn warm_up(guest: &crate::channel::Guest) -> Result<(), InstanceError> {
+    let job = capsem_proto::exec::ExecRequest {
+        command: capsem_proto::exec::Command::Shell("true".into()),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        timeout_ms: Some(30_000),
+    };
+    let out = guest.exec(&job).await?;
+    match out.exit.status {
+        capsem_proto::ExitStatus::Code(0) => Ok(()),
+        other => Err(InstanceError::Template(format!(
+            "`true` in the guest ended with {other:?}"
+        ))),
+    }
+}
+
+fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, InstanceError> {
+    crate::uds_http::bind_private(path).map_err(|source| InstanceError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
 }

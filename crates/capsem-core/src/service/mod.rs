@@ -34,6 +34,8 @@ use crate::uds_http::UdsClient;
 
 /// How long a VM may take to boot before create gives up (TCG boots in ~2 s).
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
+/// How long a warm-start template build may take (two boots and saves at most).
+const WARM_LIMIT: Duration = Duration::from_secs(300);
 
 /// Environment variable forcing the accelerator (`kvm` or `tcg`) instead of probing.
 pub const ACCEL_ENV: &str = "CAPSEM_ACCEL";
@@ -70,6 +72,8 @@ struct Inner {
     home: Home,
     sessions: Mutex<HashMap<String, Entry>>,
     accel: OnceCell<Accel>,
+    /// Held while a warm-start template is built (one at a time).
+    warming: Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -84,6 +88,7 @@ impl Service {
                 home,
                 sessions: Mutex::new(HashMap::new()),
                 accel: OnceCell::new(),
+                warming: Mutex::new(()),
             }),
         }
     }
@@ -233,17 +238,7 @@ impl Service {
             .cpus
             .or(source.as_ref().map(|s| s.cpus))
             .unwrap_or_else(api::default_cpus);
-        if !(128..=api::MAX_RAM_MB).contains(&ram_mb) {
-            return Err(HttpError::bad(format!(
-                "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"
-            )));
-        }
-        if cpus == 0 || cpus > api::MAX_CPUS {
-            return Err(HttpError::bad(format!(
-                "invalid CPU count {cpus}: give 1 to {}",
-                api::MAX_CPUS
-            )));
-        }
+        check_size(ram_mb, cpus)?;
         if let Some(k) = req.env.keys().find(|k| !api::valid_env_key(k)) {
             return Err(HttpError::bad(format!(
                 "invalid environment variable name {k:?}: use letters, digits and '_'"
@@ -341,6 +336,30 @@ impl Service {
             }
         }
         self.watch_exit(id.to_string(), exited_rx);
+    }
+
+    /// Build the warm-start template for a size (default: a session's) unless there is one:
+    /// new ephemeral sessions of that size are then restored from it instead of booting.
+    pub async fn warm(&self, req: api::WarmRequest) -> Result<api::WarmResponse, HttpError> {
+        let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
+        let cpus = req.cpus.unwrap_or_else(api::default_cpus);
+        check_size(ram_mb, cpus)?;
+        self.assets()?;
+        qemu::qemu_binary().map_err(unavailable)?;
+        let accel = self.accel().await?;
+        let _one = self.inner.warming.lock().await;
+        spawn::warm(self.home(), accel, ram_mb, cpus, WARM_LIMIT)
+            .await
+            .map_err(|e| {
+                HttpError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "building the warm-start template failed: {}; sessions still boot cold (see {})",
+                        crate::error_chain(&e),
+                        self.home().run_dir().join("warm.log").display()
+                    ),
+                )
+            })
     }
 
     /// Suspend a running persistent session: its RAM and device state go to disk, its process
@@ -912,6 +931,22 @@ fn name_free(map: &HashMap<String, Entry>, name: &str, id: &str) -> Result<(), H
             StatusCode::CONFLICT,
             format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
         ));
+    }
+    Ok(())
+}
+
+/// A VM size the service accepts.
+fn check_size(ram_mb: u32, cpus: u32) -> Result<(), HttpError> {
+    if !(128..=api::MAX_RAM_MB).contains(&ram_mb) {
+        return Err(HttpError::bad(format!(
+            "invalid RAM size {ram_mb} MiB: give at least 128 MiB (for example --ram 1)"
+        )));
+    }
+    if cpus == 0 || cpus > api::MAX_CPUS {
+        return Err(HttpError::bad(format!(
+            "invalid CPU count {cpus}: give 1 to {}",
+            api::MAX_CPUS
+        )));
     }
     Ok(())
 }

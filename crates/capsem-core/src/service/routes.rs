@@ -15,7 +15,7 @@ use super::{DeleteOnDrop, HttpError, Service};
 use crate::api::{
     CreateRequest, DeleteResponse, ForkRequest, ImageInfo, ImageListResponse, ListResponse,
     PurgeRequest, PurgeResponse, RunRequest, SessionInfo, StatusResponse, StreamKind,
-    VersionResponse, API_VERSION,
+    VersionResponse, WarmRequest, WarmResponse, API_VERSION,
 };
 use crate::uds_http::{self, take_upgrade, UdsClient};
 
@@ -49,6 +49,7 @@ pub fn router(svc: Service) -> Router {
         .route("/vms/{id}/terminal", post(stream))
         .route("/run", post(run))
         .route("/purge", post(purge))
+        .route("/warm", post(warm))
         .with_state(svc)
 }
 
@@ -176,6 +177,13 @@ async fn fork(
     })
     .await
     .map(Json)
+}
+
+async fn warm(State(svc): State<Service>, body: Bytes) -> ApiResult<WarmResponse> {
+    let req: WarmRequest = parse(&body)?;
+    detached("warm", async move { svc.warm(req).await })
+        .await
+        .map(Json)
 }
 
 async fn images(State(svc): State<Service>) -> Json<ImageListResponse> {

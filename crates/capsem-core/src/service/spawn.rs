@@ -129,6 +129,50 @@ pub async fn start(
     }
 }
 
+/// Build the warm-start template for `ram_mb` × `cpus` with `capsem-process --warm` (which
+/// logs to `run/warm.log` and prints its report as one JSON line).
+pub async fn warm(
+    home: &Home,
+    accel: Accel,
+    ram_mb: u32,
+    cpus: u32,
+    limit: Duration,
+) -> Result<crate::api::WarmResponse, SpawnError> {
+    let bin = sibling_binary("capsem-process", PROCESS_BIN_ENV);
+    if !bin.is_file() {
+        return Err(SpawnError::Missing(bin));
+    }
+    let log_path = home.run_dir().join("warm.log");
+    let log = crate::paths::private_log(&log_path)?;
+    let child = tokio::process::Command::new(&bin)
+        .arg("--warm")
+        .arg("--ram-mb")
+        .arg(ram_mb.to_string())
+        .arg("--cpus")
+        .arg(cpus.to_string())
+        .arg("--accel")
+        .arg(accel.as_str())
+        .env(crate::paths::HOME_ENV, home.root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(out) => out?,
+        Err(_) => return Err(SpawnError::Timeout(limit)),
+    };
+    let line = String::from_utf8_lossy(&out.stdout);
+    if let Ok(report) = serde_json::from_str::<crate::api::WarmResponse>(line.trim()) {
+        return Ok(report);
+    }
+    let why = serde_json::from_str::<serde_json::Value>(line.trim())
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{}; {}", out.status, tail_of(&log_path, 3)));
+    Err(SpawnError::Failed(why))
+}
+
 /// Read the ready line: up to the first newline, or to EOF if the child dies first.
 async fn read_line(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;

@@ -1,6 +1,6 @@
 //! `capsem info SESSION [--json]`.
 
-use capsem_core::api::SessionInfo;
+use capsem_core::api::{SessionInfo, StartKind};
 
 use crate::cli::InfoArgs;
 use crate::client::Target;
@@ -40,10 +40,20 @@ pub async fn run(target: &Target, a: InfoArgs) -> anyhow::Result<i32> {
             "  guest     agent {} on Linux {}",
             vm.agent_version, vm.kernel_release
         );
-        println!(
-            "  boot      {} ms to ready (guest: init {} ms, modules {} ms, rootfs {} ms, ready {} ms)",
-            vm.boot_wall_ms, vm.boot.init_ms, vm.boot.modules_ms, vm.boot.rootfs_ms, vm.boot.ready_ms
-        );
+        match vm.start {
+            StartKind::Cold => println!(
+                "  boot      cold, {} ms to ready (guest: init {} ms, modules {} ms, rootfs {} ms, ready {} ms)",
+                vm.boot_wall_ms, vm.boot.init_ms, vm.boot.modules_ms, vm.boot.rootfs_ms, vm.boot.ready_ms
+            ),
+            StartKind::Warm => println!(
+                "  boot      warm (restored from the saved booted guest), {} ms to ready",
+                vm.boot_wall_ms
+            ),
+            StartKind::Resumed => println!(
+                "  boot      resumed from its saved state, {} ms to ready",
+                vm.boot_wall_ms
+            ),
+        }
     }
     if let Some(t) = &info.telemetry {
         println!("Network");

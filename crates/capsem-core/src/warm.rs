@@ -1,0 +1,399 @@
+//! Warm starts: a guest booted once, idle at its agent's "waiting for the host", saved with its
+//! RAM (a *template*), and restored for every new ephemeral session of the same machine
+//! configuration instead of booting a kernel. This module owns where templates live, what they
+//! are keyed by, and how a session takes one; building one is [`crate::instance::build_template`].
+//!
+//! ```text
+//! <assets>/v<version>/warm/<key>/
+//!     warm.json        what the template was made from (key, RAM, CPUs, asset digest)
+//!     disk.qcow2       the guest's disk at the save (over the empty ext4 base, absolute backing)
+//!     vm.state         RAM and device state, as QEMU's migration stream
+//! ```
+//!
+//! A session restored from a template gets the template's `disk.qcow2` as its layer 0 (hard
+//! linked, so deleting the template never breaks it) and a new empty top, which makes the disk
+//! exactly the one the saved RAM expects. The guest then takes its own identity
+//! ([`capsem_proto::control::ControlRequest::Identity`]): hostname, a reseeded RNG, the clock.
+//! The key covers everything the saved state depends on: the asset files' digests, the full
+//! launch description (machine flags, kernel command line, QEMU binary), RAM and CPUs; anything
+//! else gets a cold boot.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::hypervisor::{Hypervisor, HypervisorError, VmSpec};
+use crate::image::Assets;
+
+/// `CAPSEM_WARM=0` turns warm starts off (every session boots cold); for A/B measurements.
+pub const WARM_ENV: &str = "CAPSEM_WARM";
+/// The template's description file.
+pub const META_FILE: &str = "warm.json";
+/// The template's saved machine.
+pub const STATE_FILE: &str = "vm.state";
+
+/// What a template was made from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateMeta {
+    pub key: String,
+    pub ram_mb: u32,
+    pub cpus: u32,
+    /// Digest of the asset files it boots (templates of other assets are swept away).
+    pub assets: String,
+    pub created_at: u64,
+    pub state_bytes: u64,
+}
+
+/// A published template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub dir: PathBuf,
+}
+
+impl Template {
+    pub fn state(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+    fn disk(&self) -> PathBuf {
+        self.dir.join(crate::disk::FIRST)
+    }
+}
+
+/// Whether warm starts are allowed in this process (see [`WARM_ENV`]).
+pub fn enabled() -> bool {
+    std::env::var(WARM_ENV).map_or(true, |v| v != "0")
+}
+
+/// Where the templates of `assets` live.
+pub fn root(assets: &Assets) -> PathBuf {
+    assets.dir.join("warm")
+}
+
+/// Digest of the asset files (their recorded sha256s).
+pub fn assets_digest(assets: &Assets) -> String {
+    let mut h = Sha256::new();
+    for (name, entry) in &assets.manifest.files {
+        h.update(name.as_bytes());
+        h.update(b"=");
+        h.update(entry.sha256.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// The launch description a template is made with; the per-session paths (disk, sockets,
+/// console log) are placeholders for the caller to fill in.
+pub fn template_spec(assets: &Assets, ram_mb: u32, cpus: u32, cmdline_extra: &[String]) -> VmSpec {
+    let p = |n: &str| PathBuf::from(format!("/capsem-warm/{n}"));
+    VmSpec {
+        kernel: assets.kernel.clone(),
+        initrd: assets.initrd.clone(),
+        rootfs: assets.rootfs.clone(),
+        disk: p("disk"),
+        ram_mb,
+        cpus,
+        channel_socket: p("channel"),
+        control_socket: p("control"),
+        serial_log: p("serial"),
+        hostname: "capsem".into(),
+        cmdline_extra: cmdline_extra.to_vec(),
+        incoming: None,
+    }
+}
+
+/// The key of the template for this configuration.
+pub fn key(
+    assets: &Assets,
+    hv: &dyn Hypervisor,
+    ram_mb: u32,
+    cpus: u32,
+    cmdline_extra: &[String],
+) -> String {
+    // Every path is a placeholder: the asset files count by their digests (a home whose
+    // `assets` is a link to another's shares its templates), the rest is per session.
+    let mut spec = template_spec(assets, ram_mb, cpus, cmdline_extra);
+    spec.kernel = "/capsem-warm/kernel".into();
+    spec.initrd = "/capsem-warm/initrd".into();
+    spec.rootfs = "/capsem-warm/rootfs".into();
+    let mut h = Sha256::new();
+    h.update(assets_digest(assets).as_bytes());
+    h.update(b"\n");
+    h.update(hv.fingerprint(&spec).as_bytes());
+    let digest = hex::encode(h.finalize());
+    format!("{ram_mb}m{cpus}c-{}", &digest[..16])
+}
+
+/// The published template with `key`, if there is a complete one.
+pub fn find(assets: &Assets, key: &str) -> Option<Template> {
+    let t = Template {
+        dir: root(assets).join(key),
+    };
+    (t.dir.join(META_FILE).is_file() && t.state().is_file() && t.disk().is_file()).then_some(t)
+}
+
+/// Every published template of `assets`, with its description.
+pub fn list(assets: &Assets) -> Vec<(Template, TemplateMeta)> {
+    let Ok(entries) = std::fs::read_dir(root(assets)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let meta = std::fs::read(dir.join(META_FILE)).ok()?;
+            let meta: TemplateMeta = serde_json::from_slice(&meta).ok()?;
+            Some((Template { dir }, meta))
+        })
+        .collect();
+    v.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+    v
+}
+
+/// Give session directory `dir` the template's disk: its layer 0 (hard-linked, or copied when
+/// `dir` is on another filesystem) and a new empty top over it. Returns the top's path.
+pub fn take_disk(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<PathBuf, WarmError> {
+    let first = dir.join(crate::disk::FIRST);
+    if std::fs::hard_link(t.disk(), &first).is_err() {
+        std::fs::copy(t.disk(), &first).map_err(|e| WarmError::Io(first.clone(), e))?;
+    }
+    let top = dir.join(crate::disk::layer_name(1));
+    hv.create_disk(&first, &top)?;
+    Ok(top)
+}
+
+/// Undo [`take_disk`] in `dir` (the restore failed; the session boots cold instead).
+pub fn drop_disk(dir: &Path) {
+    for n in [1, 0] {
+        let _ = std::fs::remove_file(dir.join(crate::disk::layer_name(n)));
+    }
+}
+
+/// Take a template out of use (it did not load): later sessions boot cold until one is built
+/// again. Sessions already restored from it keep their own links.
+pub fn discard(t: &Template) {
+    let aside = t
+        .dir
+        .with_extension(format!("discarded-{}", std::process::id()));
+    if std::fs::rename(&t.dir, &aside).is_ok() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+}
+
+/// Publish the template built in `staging` as `key`. When another process published the same
+/// key first, ours is dropped and theirs kept. Templates of other assets are removed.
+pub fn publish(assets: &Assets, staging: &Path, meta: &TemplateMeta) -> Result<Template, WarmError> {
+    let json = serde_json::to_vec_pretty(meta).expect("template meta serializes");
+    let meta_path = staging.join(META_FILE);
+    crate::paths::write_private(&meta_path, &json).map_err(|e| WarmError::Io(meta_path, e))?;
+    let dir = root(assets).join(&meta.key);
+    match std::fs::rename(staging, &dir) {
+        Ok(()) => {}
+        Err(e) if dir.is_dir() && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+            let _ = std::fs::remove_dir_all(staging);
+        }
+        Err(e) => return Err(WarmError::Io(dir, e)),
+    }
+    sweep(assets, meta);
+    Ok(Template { dir })
+}
+
+/// Remove what `current` replaces: templates made from other assets, and templates of the
+/// same size under another key (made with another QEMU or kernel command line). Also staging
+/// directories of builds whose process is gone.
+fn sweep(assets: &Assets, current: &TemplateMeta) {
+    for (t, meta) in list(assets) {
+        let same_size = (meta.ram_mb, meta.cpus) == (current.ram_mb, current.cpus);
+        if meta.assets != current.assets || (same_size && meta.key != current.key) {
+            discard(&t);
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(root(assets)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit_once(".partial-").map(|(_, p)| p) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<i32>()
+            .is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A private staging directory for a template build of `key` by this process.
+pub fn staging_dir(assets: &Assets, key: &str) -> Result<PathBuf, WarmError> {
+    let root = root(assets);
+    crate::paths::private_dir(&root).map_err(|e| WarmError::Io(root.clone(), e))?;
+    let dir = root.join(format!("{key}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::paths::private_dir(&dir).map_err(|e| WarmError::Io(dir.clone(), e))?;
+    Ok(dir)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error("{0}")]
+    Io(PathBuf, #[source] io::Error),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{FileEntry, Manifest};
+
+    struct FakeHv;
+    impl Hypervisor for FakeHv {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn accel(&self) -> crate::hypervisor::Accel {
+            crate::hypervisor::Accel::Tcg
+        }
+        fn create_disk(&self, backing: &Path, disk: &Path) -> Result<(), HypervisorError> {
+            std::fs::write(disk, format!("over {}", backing.display())).unwrap();
+            Ok(())
+        }
+        fn launch(&self, _: &VmSpec) -> Result<crate::hypervisor::RunningVm, HypervisorError> {
+            unreachable!("no VM in unit tests")
+        }
+        fn fingerprint(&self, spec: &VmSpec) -> String {
+            format!("{spec:?}")
+        }
+    }
+
+    fn assets(dir: &Path, initrd_sha: &str) -> Assets {
+        let entry = |sha: &str| FileEntry {
+            sha256: sha.into(),
+            size: 1,
+            digest: Default::default(),
+            mtime_ns: 0,
+            inputs_digest: String::new(),
+        };
+        Assets {
+            dir: dir.to_path_buf(),
+            kernel: dir.join("kernel"),
+            initrd: dir.join("initrd.img"),
+            rootfs: dir.join("rootfs.squashfs"),
+            base_disk: dir.join("disk-base.ext4"),
+            manifest: Manifest {
+                version: "0".into(),
+                format: 1,
+                kernel_release: String::new(),
+                kernel_package: String::new(),
+                kernel_package_version: String::new(),
+                kernel_deb_sha256: String::new(),
+                modules: vec![],
+                suite: String::new(),
+                packages: vec![],
+                built_at: String::new(),
+                inputs_digest: String::new(),
+                files: [
+                    ("kernel".to_string(), entry("k")),
+                    ("initrd.img".to_string(), entry(initrd_sha)),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_key_covers_everything_the_saved_machine_depends_on() {
+        let d = tempfile::tempdir().unwrap();
+        let a = assets(d.path(), "i1");
+        let k = key(&a, &FakeHv, 4096, 2, &[]);
+        assert!(k.starts_with("4096m2c-"), "{k}");
+        assert_eq!(k, key(&a, &FakeHv, 4096, 2, &[]));
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert_eq!(k, key(&assets(elsewhere.path(), "i1"), &FakeHv, 4096, 2, &[]));
+        for other in [
+            key(&a, &FakeHv, 1024, 2, &[]),
+            key(&a, &FakeHv, 4096, 1, &[]),
+            key(&a, &FakeHv, 4096, 2, &["capsem.trace=1".into()]),
+            key(&assets(d.path(), "i2"), &FakeHv, 4096, 2, &[]),
+        ] {
+            assert_ne!(k, other);
+        }
+    }
+
+    fn meta(a: &Assets, key: &str) -> TemplateMeta {
+        TemplateMeta {
+            key: key.into(),
+            ram_mb: 4096,
+            cpus: 2,
+            assets: assets_digest(a),
+            created_at: 0,
+            state_bytes: 1,
+        }
+    }
+
+    fn build(a: &Assets, key: &str) -> PathBuf {
+        let staging = staging_dir(a, key).unwrap();
+        std::fs::write(staging.join(crate::disk::FIRST), "layer 0").unwrap();
+        std::fs::write(staging.join(STATE_FILE), "ram").unwrap();
+        staging
+    }
+
+    #[test]
+    fn publish_find_take_and_discard() {
+        let d = tempfile::tempdir().unwrap();
+        let a = assets(d.path(), "i1");
+        assert!(find(&a, "k1").is_none());
+        let staging = build(&a, "k1");
+        let t = publish(&a, &staging, &meta(&a, "k1")).unwrap();
+        assert!(!staging.exists());
+        assert!(find(&a, "k1").is_some());
+        // A second build of the same key keeps the first.
+        let again = build(&a, "k1");
+        publish(&a, &again, &meta(&a, "k1")).unwrap();
+        assert!(!again.exists());
+        assert_eq!(list(&a).len(), 1);
+
+        let session = d.path().join("session");
+        std::fs::create_dir(&session).unwrap();
+        let top = take_disk(&t, &session, &FakeHv).unwrap();
+        assert_eq!(top, session.join("disk.1.qcow2"));
+        assert_eq!(
+            std::fs::read_to_string(session.join("disk.qcow2")).unwrap(),
+            "layer 0"
+        );
+        assert_eq!(crate::disk::top(&session).unwrap(), Some(1));
+        // The session keeps its disk when the template goes.
+        discard(&t);
+        assert!(find(&a, "k1").is_none());
+        assert!(session.join("disk.qcow2").is_file());
+        drop_disk(&session);
+        assert_eq!(crate::disk::top(&session).unwrap(), None);
+    }
+
+    #[test]
+    fn publishing_sweeps_templates_of_other_assets_and_dead_builds() {
+        let d = tempfile::tempdir().unwrap();
+        let old = assets(d.path(), "i1");
+        let staging = build(&old, "old");
+        publish(&old, &staging, &meta(&old, "old")).unwrap();
+        let dead = root(&old).join("x.partial-999999999");
+        std::fs::create_dir_all(&dead).unwrap();
+        let new = assets(d.path(), "i2");
+        let staging = build(&new, "new");
+        publish(&new, &staging, &meta(&new, "new")).unwrap();
+        let keys: Vec<_> = list(&new).into_iter().map(|(_, m)| m.key).collect();
+        assert_eq!(keys, ["new"]);
+        // Another size stays; the same size under a new key replaces the old.
+        let mut small = meta(&new, "small");
+        small.ram_mb = 1024;
+        publish(&new, &build(&new, "small"), &small).unwrap();
+        publish(&new, &build(&new, "newer"), &meta(&new, "newer")).unwrap();
+        let keys: Vec<_> = list(&new).into_iter().map(|(_, m)| m.key).collect();
+        assert_eq!(keys, ["newer", "small"]);
+        assert!(!dead.exists());
+    }
+}

@@ -1,0 +1,142 @@
+//! Warm starts: temporary sessions restored from the saved booted guest instead of booting.
+//! Each restored guest must be its own machine (disk, RNG stream, clock), the template must
+//! never change, and a template that does not load must leave a session that boots cold.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capsem_e2e::{sha256_hex, Env};
+
+/// Extra kernel words for this test's service: its templates get keys of their own, so it
+/// neither uses nor disturbs the default template other tests run on.
+const OWN_KEY_ARGS: &str = "capsem.e2e=warm";
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn start(value: &serde_json::Value) -> String {
+    value["vm"]["start"].as_str().unwrap_or("").to_string()
+}
+
+/// Build this test's 1 GiB / 1 vCPU template; returns its directory.
+fn build_template(env: &Env) -> std::path::PathBuf {
+    let (code, body) = env.http("POST", "/warm", r#"{"ram_mb":1024,"cpus":1}"#);
+    assert_eq!(code, 200, "POST /warm: {body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let key = r["key"].as_str().unwrap();
+    assert!(key.starts_with("1024m1c-"), "{body}");
+    let dir = env
+        .path()
+        .join("assets")
+        .join(format!("v{}", env!("CARGO_PKG_VERSION")))
+        .join("warm")
+        .join(key);
+    assert!(dir.join("vm.state").is_file(), "{body}");
+    dir
+}
+
+#[test]
+fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
+    let Some(env) = Env::new() else { return };
+    let started = env
+        .cmd(&["start"])
+        .env("CAPSEM_KERNEL_ARGS", OWN_KEY_ARGS)
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let tmpl = build_template(&env);
+    // Asking again finds it.
+    let (code, body) = env.http("POST", "/warm", r#"{"ram_mb":1024,"cpus":1}"#);
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""built":false"#), "{body}");
+    // Every template file is private, like the rest of CAPSEM_HOME.
+    for f in ["vm.state", "disk.qcow2", "warm.json"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmpl.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} is {mode:o}");
+    }
+    let disk_before = sha256_hex(&std::fs::read(tmpl.join("disk.qcow2")).unwrap());
+    // The saved clock falls behind while the template waits: a guest that did not take the
+    // host's time would be at least this far off.
+    std::thread::sleep(Duration::from_secs(4));
+
+    let ids: Vec<String> = (0..2)
+        .map(|_| env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string())
+        .collect();
+    let mut draws = Vec::new();
+    for id in &ids {
+        assert_eq!(start(&env.info(id)), "warm", "{}", env.session_logs());
+        let before = now_secs();
+        let out = env.ok(&[
+            "exec",
+            id,
+            "date +%s.%N; hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+        ]);
+        let after = now_secs();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        let guest: f64 = lines[0].parse().unwrap();
+        assert!(
+            guest > before - 1.0 && guest < after + 1.0,
+            "guest clock {guest} not within a second of the host's {before}..{after}"
+        );
+        assert_eq!(lines[1], "capsem");
+        draws.push(lines[2].to_string());
+    }
+    assert_eq!(draws[0].len(), 64);
+    assert_ne!(
+        draws[0], draws[1],
+        "two guests restored from one template drew the same random bytes"
+    );
+    // Separate disks: what one writes, the other does not see.
+    env.ok(&["exec", &ids[0], "echo one > /root/mine && sync"]);
+    let out = env.capsem(&["exec", &ids[1], "test -e /root/mine"]);
+    assert_eq!(out.status.code(), Some(1), "the second session sees the first's file");
+    for id in &ids {
+        env.ok(&["delete", id]);
+    }
+    assert_eq!(
+        sha256_hex(&std::fs::read(tmpl.join("disk.qcow2")).unwrap()),
+        disk_before,
+        "the template's disk changed"
+    );
+
+    // A template whose state does not load is discarded; the session boots cold and works.
+    std::fs::write(tmpl.join("vm.state"), b"not a saved machine").unwrap();
+    let id = env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string();
+    assert_eq!(start(&env.info(&id)), "cold");
+    assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
+    assert!(!tmpl.exists(), "the bad template is still in use");
+    env.ok(&["delete", &id]);
+    capsem_e2e::assert_nothing_left(&env);
+}
+
+#[test]
+fn setup_prepares_warm_starts_for_the_default_size_and_persistent_sessions_boot_cold() {
+    let Some(env) = Env::new() else { return };
+    // `capsem setup` (scripts/test.sh runs it) saved the default template; asking for it
+    // again does nothing.
+    env.ok(&["start"]);
+    let (code, body) = env.http("POST", "/warm", "{}");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""built":false"#), "setup did not build it: {body}");
+    let id = env.ok(&["create"]).trim().to_string();
+    assert_eq!(start(&env.info(&id)), "warm");
+    assert_eq!(
+        env.ok(&["exec", &id, "python3 -c 'print(1+1)'"]).trim(),
+        "2"
+    );
+    env.ok(&["delete", &id]);
+    // A named session is its own machine from the first boot.
+    env.ok(&["create", "keeper"]);
+    assert_eq!(start(&env.info("keeper")), "cold");
+    assert_eq!(env.ok(&["exec", "keeper", "hostname"]).trim(), "keeper");
+    env.ok(&["delete", "keeper"]);
+    // Bad sizes get one clear line.
+    let (code, body) = env.http("POST", "/warm", r#"{"ram_mb":0}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("invalid RAM size"), "{body}");
+}
