@@ -183,14 +183,20 @@ pub fn discard(t: &Template) {
 
 /// Publish the template built in `staging` as `key`. When another process published the same
 /// key first, ours is dropped and theirs kept. Templates of other assets are removed.
-pub fn publish(assets: &Assets, staging: &Path, meta: &TemplateMeta) -> Result<Template, WarmError> {
+pub fn publish(
+    assets: &Assets,
+    staging: &Path,
+    meta: &TemplateMeta,
+) -> Result<Template, WarmError> {
     let json = serde_json::to_vec_pretty(meta).expect("template meta serializes");
     let meta_path = staging.join(META_FILE);
     crate::paths::write_private(&meta_path, &json).map_err(|e| WarmError::Io(meta_path, e))?;
     let dir = root(assets).join(&meta.key);
     match std::fs::rename(staging, &dir) {
         Ok(()) => {}
-        Err(e) if dir.is_dir() && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+        Err(e)
+            if dir.is_dir() && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) =>
+        {
             let _ = std::fs::remove_dir_all(staging);
         }
         Err(e) => return Err(WarmError::Io(dir, e)),
@@ -313,7 +319,10 @@ mod tests {
         assert!(k.starts_with("4096m2c-"), "{k}");
         assert_eq!(k, key(&a, &FakeHv, 4096, 2, &[]));
         let elsewhere = tempfile::tempdir().unwrap();
-        assert_eq!(k, key(&assets(elsewhere.path(), "i1"), &FakeHv, 4096, 2, &[]));
+        assert_eq!(
+            k,
+            key(&assets(elsewhere.path(), "i1"), &FakeHv, 4096, 2, &[])
+        );
         for other in [
             key(&a, &FakeHv, 1024, 2, &[]),
             key(&a, &FakeHv, 4096, 1, &[]),

@@ -4,7 +4,9 @@
 //!
 //! - P1: wall time of `capsem run true` (service already running) ÷ wall time of raw QEMU booting
 //!   the same kernel + initrd to `/init` and powering off (the agent's probe mode, the same
-//!   command line capsem's KVM probe uses).
+//!   command line capsem's KVM probe uses). `capsem run` restores the warm-start template that
+//!   `capsem setup` saves (made here if missing); the same run with warm starts off
+//!   (`CAPSEM_WARM=0`, a second service) is timed in the same loop and reported beside it.
 //! - P2: API exec round trip of `true` on a running session (p50), next to the channel echo p50
 //!   (measured inside capsem-process) and the guest's own spawn→reap time of `true` (p50, timed
 //!   in the guest). Added overhead = exec − echo − spawn.
@@ -44,8 +46,30 @@ fn main() {
     } = capsem_e2e::Bench::new(10);
     let client = UdsClient::new(socket);
 
-    // Warm up: start the service, probe the accelerator, fill the page cache.
+    // Warm up: start the service, probe the accelerator, fill the page cache; make sure the
+    // default size's warm-start template is there (as `capsem setup` leaves it).
     env.ok(&["run", "true"]);
+    let warm: capsem_core::api::WarmResponse = rt
+        .block_on(client.post("/warm", &capsem_core::api::WarmRequest::default()))
+        .unwrap();
+    println!(
+        "warm-start template {}: {}",
+        warm.key,
+        if warm.built {
+            "built now"
+        } else {
+            "already there"
+        }
+    );
+    // A second home whose service boots every session cold.
+    let cold_env = capsem_e2e::Env::new().expect("guest image and binaries");
+    let started = cold_env
+        .cmd(&["start"])
+        .env(capsem_core::warm::WARM_ENV, "0")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    cold_env.ok(&["run", "true"]);
     let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
     let accel = status["accel"].as_str().unwrap_or("tcg").to_string();
     let assets = capsem_core::image::load(&env.path().join("assets")).unwrap();
@@ -54,8 +78,8 @@ fn main() {
     let qemu_bin = qemu::qemu_binary().unwrap();
     let mut raw = Vec::new();
     let mut ours = Vec::new();
-    for _ in 0..runs {
-        raw.push(raw_boot(&qemu_bin, &assets.kernel, &assets.initrd, &accel));
+    let mut cold = Vec::new();
+    let timed_run = |env: &capsem_e2e::Env| {
         let t = Instant::now();
         let out = env.cmd(&["run", "true"]).output().unwrap();
         assert!(
@@ -63,12 +87,19 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    for _ in 0..runs {
+        raw.push(raw_boot(&qemu_bin, &assets.kernel, &assets.initrd, &accel));
+        ours.push(timed_run(&env));
+        cold.push(timed_run(&cold_env));
     }
+    drop(cold_env);
     let raw_p50 = median(&mut raw);
     let ours_p50 = median(&mut ours);
+    let cold_p50 = median(&mut cold);
     let spread = |v: &[f64]| format!("min {:.0} max {:.0}", v[0], v[v.len() - 1]);
-    let (raw_spread, ours_spread) = (spread(&raw), spread(&ours));
+    let (raw_spread, ours_spread, cold_spread) = (spread(&raw), spread(&ours), spread(&cold));
 
     // ---- boot → exec-ready, RSS, P2 ----
     let mut create_ms = Vec::new();
@@ -76,14 +107,7 @@ fn main() {
     for _ in 0..3 {
         let t = Instant::now();
         let info: SessionInfo = rt
-            .block_on(client.post(
-                "/vms/create",
-                &CreateRequest {
-                    ram_mb: Some(1024),
-                    cpus: Some(1),
-                    ..Default::default()
-                },
-            ))
+            .block_on(client.post("/vms/create", &CreateRequest::default()))
             .unwrap();
         create_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         boot_wall.push(info.vm.as_ref().unwrap().boot_wall_ms as f64);
@@ -167,7 +191,8 @@ fn main() {
         "P1 ratio                                   {:8.3}  (target <= 1.15)",
         ours_p50 / raw_p50
     );
-    println!("create (API) boot -> exec-ready        p50 {:8.1} ms (QEMU launch -> guest ready p50 {:.1} ms)", median(&mut create_ms), median(&mut boot_wall));
+    println!("   capsem run true, warm starts off    p50 {cold_p50:8.1} ms  ({cold_spread}); ratio {:.3}", cold_p50 / raw_p50);
+    println!("create (API, default size) -> exec-ready p50 {:8.1} ms (QEMU launch -> guest ready p50 {:.1} ms)", median(&mut create_ms), median(&mut boot_wall));
     println!("P2 exec `true` round trip (API)        p50 {exec_p50:8.3} ms  p99 {exec_p99:.3} ms  (n={n})");
     println!("P2 channel echo (in capsem-process)    p50 {echo_p50:8.3} ms");
     println!("P2 guest spawn+wait of `true`          p50 {spawn_p50:8.3} ms");

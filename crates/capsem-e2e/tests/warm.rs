@@ -23,8 +23,7 @@ fn start(value: &serde_json::Value) -> String {
 
 /// Build this test's 1 GiB / 1 vCPU template; returns its directory.
 fn build_template(env: &Env) -> std::path::PathBuf {
-    let (code, body) = env.http("POST", "/warm", r#"{"ram_mb":1024,"cpus":1}"#);
-    assert_eq!(code, 200, "POST /warm: {body}");
+    let body = env.ok(&["image", "warm", "--ram", "1", "--cpu", "1", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
     let key = r["key"].as_str().unwrap();
     assert!(key.starts_with("1024m1c-"), "{body}");
@@ -49,13 +48,16 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
     assert!(started.status.success(), "{started:?}");
     let tmpl = build_template(&env);
     // Asking again finds it.
-    let (code, body) = env.http("POST", "/warm", r#"{"ram_mb":1024,"cpus":1}"#);
-    assert_eq!(code, 200);
-    assert!(body.contains(r#""built":false"#), "{body}");
+    let again = env.ok(&["image", "warm", "--ram", "1", "--cpu", "1"]);
+    assert!(again.starts_with("warm start up to date"), "{again}");
     // Every template file is private, like the rest of CAPSEM_HOME.
     for f in ["vm.state", "disk.qcow2", "warm.json"] {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(tmpl.join(f)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(tmpl.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{f} is {mode:o}");
     }
     let disk_before = sha256_hex(&std::fs::read(tmpl.join("disk.qcow2")).unwrap());
@@ -64,7 +66,11 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
     std::thread::sleep(Duration::from_secs(4));
 
     let ids: Vec<String> = (0..2)
-        .map(|_| env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string())
+        .map(|_| {
+            env.ok(&["create", "--ram", "1", "--cpu", "1"])
+                .trim()
+                .to_string()
+        })
         .collect();
     let mut draws = Vec::new();
     for id in &ids {
@@ -94,7 +100,11 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
     // Separate disks: what one writes, the other does not see.
     env.ok(&["exec", &ids[0], "echo one > /root/mine && sync"]);
     let out = env.capsem(&["exec", &ids[1], "test -e /root/mine"]);
-    assert_eq!(out.status.code(), Some(1), "the second session sees the first's file");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the second session sees the first's file"
+    );
     for id in &ids {
         env.ok(&["delete", id]);
     }
@@ -106,7 +116,10 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
 
     // A template whose state does not load is discarded; the session boots cold and works.
     std::fs::write(tmpl.join("vm.state"), b"not a saved machine").unwrap();
-    let id = env.ok(&["create", "--ram", "1", "--cpu", "1"]).trim().to_string();
+    let id = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
     assert_eq!(start(&env.info(&id)), "cold");
     assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
     assert!(!tmpl.exists(), "the bad template is still in use");
@@ -122,7 +135,10 @@ fn setup_prepares_warm_starts_for_the_default_size_and_persistent_sessions_boot_
     env.ok(&["start"]);
     let (code, body) = env.http("POST", "/warm", "{}");
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains(r#""built":false"#), "setup did not build it: {body}");
+    assert!(
+        body.contains(r#""built":false"#),
+        "setup did not build it: {body}"
+    );
     let id = env.ok(&["create"]).trim().to_string();
     assert_eq!(start(&env.info(&id)), "warm");
     assert_eq!(
@@ -135,8 +151,12 @@ fn setup_prepares_warm_starts_for_the_default_size_and_persistent_sessions_boot_
     assert_eq!(start(&env.info("keeper")), "cold");
     assert_eq!(env.ok(&["exec", "keeper", "hostname"]).trim(), "keeper");
     env.ok(&["delete", "keeper"]);
-    // Bad sizes get one clear line.
+    // Bad sizes get one clear line (the API's 400, and the CLI's).
     let (code, body) = env.http("POST", "/warm", r#"{"ram_mb":0}"#);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("invalid RAM size"), "{body}");
+    capsem_e2e::assert_one_clear_line(
+        &env.capsem(&["image", "warm", "--cpu", "0"]),
+        "invalid CPU count",
+    );
 }

@@ -114,7 +114,10 @@ fn build_template(home: &Home, accel: Accel, ram_mb: u32, cpus: u32) -> ExitCode
     // As with a session, QEMU is spawned on the main thread (see `main`).
     match rt.block_on(instance::build_template(home, accel, ram_mb, cpus)) {
         Ok(report) => {
-            println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("report serializes")
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -224,6 +224,22 @@ pub enum ImageCommand {
     /// Delete a fork image (refused while sessions made from it exist, unless --force).
     #[command(alias = "rm")]
     Delete(ImageDeleteArgs),
+    /// Boot a guest of this size once and save it, so temporary sessions of that size are
+    /// restored from it instead of booting (`capsem setup` does this for the default size).
+    Warm(ImageWarmArgs),
+}
+
+#[derive(Args)]
+pub struct ImageWarmArgs {
+    /// RAM in GB [default: 4].
+    #[arg(long)]
+    pub ram: Option<u32>,
+    /// CPU cores [default: 4, at most the host's core count].
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

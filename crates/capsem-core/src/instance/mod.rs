@@ -174,36 +174,41 @@ where
     // The top layer of the session's disk chain (a clone arrives with its layers linked in). A
     // new ephemeral session starts from the warm-start template when there is one for its size.
     let mut template = None;
-    let disk =
-        match crate::disk::top_path(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))? {
-            Some(top) => top,
-            None => {
-                if !record.persistent && crate::warm::enabled() {
-                    let key = crate::warm::key(
-                        &assets,
-                        hv.as_ref(),
-                        record.ram_mb,
-                        record.cpus,
-                        &cmdline_extra,
-                    );
-                    template = crate::warm::find(&assets, &key);
-                }
-                let warm = template
-                    .as_ref()
-                    .map(|t| crate::warm::take_disk(t, &dir, hv.as_ref()));
-                match warm {
-                    Some(Ok(top)) => top,
-                    other => {
-                        if let Some(Err(e)) = other {
-                            tracing::warn!(id = %cfg.id, error = %crate::error_chain(&e), "cannot take the warm-start template's disk; booting cold");
-                            crate::warm::drop_disk(&dir);
-                            template = None;
+    let disk = match crate::disk::top_path(&dir)
+        .map_err(|e| InstanceError::Record(cfg.id.clone(), e))?
+    {
+        Some(top) => top,
+        None => {
+            if !record.persistent && crate::warm::enabled() {
+                let key = crate::warm::key(
+                    &assets,
+                    hv.as_ref(),
+                    record.ram_mb,
+                    record.cpus,
+                    &cmdline_extra,
+                );
+                template = crate::warm::find(&assets, &key);
+            }
+            let warm = template
+                .as_ref()
+                .map(|t| crate::warm::take_disk(t, &dir, hv.as_ref()));
+            match warm {
+                Some(Ok(top)) => top,
+                other => {
+                    if let Some(Err(e)) = other {
+                        // Most likely its base moved (CAPSEM_HOME did): set it aside, so
+                        // sessions stop trying it until `capsem setup` makes a new one.
+                        tracing::warn!(id = %cfg.id, error = %crate::error_chain(&e), "cannot take the warm-start template's disk; discarded it, booting cold");
+                        crate::warm::drop_disk(&dir);
+                        if let Some(t) = template.take() {
+                            crate::warm::discard(&t);
                         }
-                        cold_disk(hv.as_ref(), &assets, &dir)?
                     }
+                    cold_disk(hv.as_ref(), &assets, &dir)?
                 }
             }
-        };
+        }
+    };
     // The VM writes the top from now on: it is no longer a fresh copy point.
     crate::disk::clear_fresh(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))?;
     let channel_path = dir.join("channel.sock");
@@ -746,7 +751,12 @@ async fn make_template(
     extra: &[String],
 ) -> Result<u64, InstanceError> {
     let mut spec = crate::warm::template_spec(assets, ram_mb, cpus, extra);
-    spec.disk = cold_disk(hv, assets, staging)?;
+    // The template is shared by every home that links these assets: its disk names the base
+    // by its real path, not through the linking home's `assets`.
+    let base = std::fs::canonicalize(&assets.base_disk)
+        .map_err(|e| InstanceError::Template(format!("{}: {e}", assets.base_disk.display())))?;
+    spec.disk = staging.join(crate::disk::FIRST);
+    hv.create_disk(&base, &spec.disk)?;
     spec.channel_socket = staging.join("channel.sock");
     spec.control_socket = staging.join("qmp.sock");
     spec.serial_log = staging.join("serial.log");

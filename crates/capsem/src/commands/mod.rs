@@ -45,6 +45,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(ImageCommand::Build(a)) => setup::image_build(&target, a).await,
         Command::Image(ImageCommand::List(a)) => images::list(&target, a.json).await,
         Command::Image(ImageCommand::Delete(a)) => images::delete(&target, a).await,
+        Command::Image(ImageCommand::Warm(a)) => setup::image_warm(&target, a).await,
         Command::Status(a) => service::status(&target, a.json).await,
         Command::Start => service::start(&target).await,
         Command::Stop => service::stop(&target).await,

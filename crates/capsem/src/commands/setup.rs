@@ -10,7 +10,7 @@ use capsem_core::api::{WarmRequest, WarmResponse};
 use capsem_core::image::{self, BuildOptions, BuildProgress};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{ImageBuildArgs, SetupArgs};
+use crate::cli::{ImageBuildArgs, ImageWarmArgs, SetupArgs};
 use crate::client::Target;
 
 pub async fn setup(target: &Target, a: SetupArgs) -> anyhow::Result<i32> {
@@ -40,26 +40,49 @@ pub async fn setup(target: &Target, a: SetupArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Prepare warm starts for the default session size: the service boots a guest once and saves
-/// it, and new temporary sessions are restored from that instead of booting (about a quarter
-/// of the time). Not fatal: without it sessions boot cold.
+/// Prepare warm starts for the default session size (see [`image_warm`]). Not fatal: without
+/// it sessions boot cold.
 async fn warm(target: &Target) {
-    let built = async {
-        let client = target.connect().await?;
-        let pb = crate::progress::spinner("warm start: booting a guest once to save it");
-        let r: Result<WarmResponse, _> = client.post("/warm", &WarmRequest::default()).await;
-        pb.finish_and_clear();
-        anyhow::Ok(r?)
+    match post_warm(target, &WarmRequest::default()).await {
+        Ok(r) => print_warm(&r),
+        Err(e) => eprintln!("capsem: warning: {}; sessions boot cold", crate::render(&e)),
     }
-    .await;
-    match built {
-        Ok(r) if r.built => println!(
-            "warm start ready: {} MiB saved in {:.1}s",
+}
+
+/// `capsem image warm`: the service boots a guest of this size once and saves it; new temporary
+/// sessions of that size are restored from it instead of booting.
+pub async fn image_warm(target: &Target, a: ImageWarmArgs) -> anyhow::Result<i32> {
+    let req = WarmRequest {
+        ram_mb: a.ram.map(super::ram_mb).transpose()?,
+        cpus: a.cpu,
+    };
+    let r = post_warm(target, &req).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_warm(&r);
+    }
+    Ok(0)
+}
+
+async fn post_warm(target: &Target, req: &WarmRequest) -> anyhow::Result<WarmResponse> {
+    let client = target.connect().await?;
+    let pb = crate::progress::spinner("warm start: booting a guest once to save it");
+    let r = client.post("/warm", req).await;
+    pb.finish_and_clear();
+    Ok(r?)
+}
+
+fn print_warm(r: &WarmResponse) {
+    if r.built {
+        println!(
+            "warm start ready ({}): {} MiB saved in {:.1}s",
+            r.key,
             r.state_bytes >> 20,
             r.took_ms as f64 / 1000.0
-        ),
-        Ok(_) => println!("warm start up to date"),
-        Err(e) => eprintln!("capsem: warning: {}; sessions boot cold", crate::render(&e)),
+        );
+    } else {
+        println!("warm start up to date ({})", r.key);
     }
 }
 
