@@ -484,12 +484,14 @@ async fn continue_after_load(control: PathBuf) {
     let Ok(mut q) = Qmp::connect(&control, CONNECT_LIMIT).await else {
         return;
     };
-    let end = Instant::now() + READY_LIMIT;
+    let t = Instant::now();
+    let end = t + READY_LIMIT;
     while Instant::now() < end {
         match q.status().await.as_deref() {
-            Ok("inmigrate") => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok("inmigrate") => tokio::time::sleep(Duration::from_millis(10)).await,
             Ok("running") => return,
             Ok(_) => {
+                tracing::debug!(ms = t.elapsed().as_millis() as u64, "saved state loaded");
                 if let Err(e) = q.execute("cont", serde_json::Value::Null).await {
                     tracing::warn!(error = %e, "could not continue the resumed VM");
                 }
