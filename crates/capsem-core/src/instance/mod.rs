@@ -212,11 +212,7 @@ where
     // The VM writes the top from now on: it is no longer a fresh copy point.
     crate::disk::clear_fresh(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))?;
     let channel_path = dir.join("channel.sock");
-    let listener =
-        crate::uds_http::bind_private(&channel_path).map_err(|source| InstanceError::Bind {
-            path: channel_path.clone(),
-            source,
-        })?;
+    let listener = bind(&channel_path)?;
     let state = dir.join(STATE_DIR).join(STATE_FILE);
     let own_state = state.is_file();
     let mut spec = VmSpec {
@@ -343,11 +339,7 @@ where
     };
     tracing::info!(id = %cfg.id, boot_wall_ms, start = start.as_str(), guest_ready_ms = info.boot.ready_ms, "guest ready");
 
-    let sock = cfg.home.instance_socket(&cfg.id);
-    let api = crate::uds_http::bind_private(&sock).map_err(|source| InstanceError::Bind {
-        path: sock.clone(),
-        source,
-    })?;
+    let api = bind(&cfg.home.instance_socket(&cfg.id))?;
     let inst = Arc::new(Instance {
         guest,
         info,
