@@ -118,8 +118,6 @@ fn write_file(path: &str, data: &[u8], mode: Option<u32>) -> ControlResponse {
     ControlResponse::Done
 }
 
-/// Install `pem` as [`crate::env::CA_FILE`] and append it to the system bundle unless the
-/// bundle already holds it (a resumed or restarted session gets the same request again).
 /// Take on a new session's identity after a restore (see [`ControlRequest::Identity`]).
 fn identity(hostname: &str, seed: &[u8], unix_ns: u64) -> ControlResponse {
     if let Err(e) = crate::boot::entropy::reseed(seed) {
@@ -139,6 +137,8 @@ fn identity(hostname: &str, seed: &[u8], unix_ns: u64) -> ControlResponse {
     ControlResponse::Done
 }
 
+/// Install `pem` as [`crate::env::CA_FILE`] and append it to the system bundle unless the
+/// bundle already holds it (a resumed or restarted session gets the same request again).
 fn trust_ca(pem: &str) -> ControlResponse {
     use std::io::Write;
     let pem = pem.trim_end().to_string() + "\n";

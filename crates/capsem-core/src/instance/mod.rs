@@ -313,9 +313,12 @@ where
     );
     let guest = channel.handle();
     serve_guest_streams(channel.inbound, network.clone());
+    let t = Instant::now();
     if start != StartKind::Cold {
         take_identity(&guest, &spec.hostname).await?;
     }
+    let identity_ms = t.elapsed().as_millis() as u64;
+    let t = Instant::now();
     match guest
         .control(&capsem_proto::control::ControlRequest::TrustCa {
             pem: network.ca.cert_pem().to_string(),
@@ -325,6 +328,11 @@ where
         capsem_proto::control::ControlResponse::Done => {}
         other => return Err(InstanceError::TrustCa(format!("{other:?}"))),
     }
+    tracing::debug!(
+        identity_ms,
+        trust_ca_ms = t.elapsed().as_millis() as u64,
+        "guest set up"
+    );
     let boot_wall_ms = started.elapsed().as_millis() as u64;
     let info = VmInfo {
         hypervisor: hv.name().to_string(),
@@ -763,8 +771,9 @@ async fn make_template(
     let guest = channel.handle();
     let mut inbound = channel.inbound;
     tokio::spawn(async move { while inbound.recv().await.is_some() {} });
-    // The first command of every session would read the shell and libc from the squashfs.
-    warm_up(&guest).await?;
+    // Done once here rather than in every session: reading the shell and libc from the
+    // squashfs, and copying up what `TrustCa` writes.
+    warm_up(&guest, TEMPLATE_PREPARE).await?;
     let state = staging.join(crate::warm::STATE_FILE);
     let saved = save_machine(&guest, &channel.hangup, staging, &state, || {}).await;
     let _ = vm.child.kill().await;
@@ -807,7 +816,7 @@ async fn verify_template(
                 .map_err(|e| InstanceError::Template(format!("the restored template did not greet: {e}")))?,
             status = vm.child.wait() => return Err(InstanceError::VmExited(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
         };
-        warm_up(&ch.handle()).await
+        warm_up(&ch.handle(), "true").await
     }
     .await;
     resumer.abort();
@@ -816,10 +825,17 @@ async fn verify_template(
     checked
 }
 
-/// Run `true` in the guest.
-async fn warm_up(guest: &crate::channel::Guest) -> Result<(), InstanceError> {
+/// What a template runs before it is saved (see [`make_template`]): the shell, and the copy-up
+/// of the files `TrustCa` writes (the system bundle, the capsem CA's file and its directories)
+/// from the read-only root to the disk, so each session's `TrustCa` only writes a few bytes.
+const TEMPLATE_PREPARE: &str = "true && : >> /etc/ssl/certs/ca-certificates.crt \
+    && mkdir -p /usr/local/share/ca-certificates \
+    && : > /usr/local/share/ca-certificates/capsem-ca.crt";
+
+/// Run `command` in the guest; it must succeed.
+async fn warm_up(guest: &crate::channel::Guest, command: &str) -> Result<(), InstanceError> {
     let job = capsem_proto::exec::ExecRequest {
-        command: capsem_proto::exec::Command::Shell("true".into()),
+        command: capsem_proto::exec::Command::Shell(command.into()),
         env: vec![],
         cwd: None,
         stdin: false,
@@ -829,7 +845,7 @@ async fn warm_up(guest: &crate::channel::Guest) -> Result<(), InstanceError> {
     match out.exit.status {
         capsem_proto::ExitStatus::Code(0) => Ok(()),
         other => Err(InstanceError::Template(format!(
-            "`true` in the guest ended with {other:?}"
+            "`{command}` in the guest ended with {other:?}"
         ))),
     }
 }
