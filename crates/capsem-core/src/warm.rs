@@ -38,28 +38,40 @@ pub const STATE_FILE: &str = "vm.state";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TemplateMeta {
     pub key: String,
+    /// Random, per build: tells a template from a later one published under the same key.
+    #[serde(default)]
+    pub build: String,
     pub ram_mb: u32,
     pub cpus: u32,
     /// Digest of the asset files it boots (templates of other assets are swept away).
     pub assets: String,
+    /// The empty ext4 base its disk layer is backed by (by real path): a template whose base
+    /// is gone (its `CAPSEM_HOME` moved) is not used.
+    #[serde(default)]
+    pub base: PathBuf,
     pub created_at: u64,
     pub state_bytes: u64,
 }
 
-/// A published template.
+/// A published template, as found: its directory and its build id (so that taking it out of
+/// use never hits a newer template published under the same key meanwhile).
 #[derive(Debug, Clone)]
 pub struct Template {
     pub dir: PathBuf,
+    build: String,
 }
 
-impl Template {
-    pub fn state(&self) -> PathBuf {
-        self.dir.join(STATE_FILE)
-    }
-    fn disk(&self) -> PathBuf {
-        self.dir.join(crate::disk::FIRST)
-    }
+/// What a session took from a template: its disk top, and the saved machine to load (the
+/// session's own link to the template's state, or the template's file itself when the session
+/// is on another filesystem).
+#[derive(Debug)]
+pub struct Taken {
+    pub top: PathBuf,
+    pub state: PathBuf,
 }
+
+/// The session's link to the template's saved machine (removed once loaded).
+pub const TAKEN_STATE: &str = "warm.state";
 
 /// Whether warm starts are allowed in this process (see [`WARM_ENV`]).
 pub fn enabled() -> bool {
@@ -125,12 +137,30 @@ pub fn key(
     format!("{ram_mb}m{cpus}c-{}", &digest[..16])
 }
 
-/// The published template with `key`, if there is a complete one.
+/// The published template with `key`, if there is a complete and usable one.
 pub fn find(assets: &Assets, key: &str) -> Option<Template> {
-    let t = Template {
-        dir: root(assets).join(key),
-    };
-    (t.dir.join(META_FILE).is_file() && t.state().is_file() && t.disk().is_file()).then_some(t)
+    let dir = root(assets).join(key);
+    let meta = read_meta(&dir)?;
+    let complete = dir.join(STATE_FILE).is_file()
+        && dir.join(crate::disk::FIRST).is_file()
+        && meta.base.is_file();
+    complete.then_some(Template {
+        dir,
+        build: meta.build,
+    })
+}
+
+fn read_meta(dir: &Path) -> Option<TemplateMeta> {
+    serde_json::from_slice(&std::fs::read(dir.join(META_FILE)).ok()?).ok()
+}
+
+/// Remove the template directory of `key` if it is there but not usable (see [`find`]), so a
+/// new build can take its place.
+pub fn clear_unusable(assets: &Assets, key: &str) {
+    let dir = root(assets).join(key);
+    if dir.is_dir() && find(assets, key).is_none() {
+        remove_aside(&dir);
+    }
 }
 
 /// Every published template of `assets`, with its description.
@@ -141,42 +171,86 @@ pub fn list(assets: &Assets) -> Vec<(Template, TemplateMeta)> {
     let mut v: Vec<_> = entries
         .flatten()
         .filter_map(|e| {
+            // Staging (`.partial-`) and discarded (`.discarded-`) directories are no templates.
+            if e.file_name().to_string_lossy().contains('.') {
+                return None;
+            }
             let dir = e.path();
-            let meta = std::fs::read(dir.join(META_FILE)).ok()?;
-            let meta: TemplateMeta = serde_json::from_slice(&meta).ok()?;
-            Some((Template { dir }, meta))
+            let meta = read_meta(&dir)?;
+            let build = meta.build.clone();
+            Some((Template { dir, build }, meta))
         })
         .collect();
     v.sort_by(|a, b| a.1.key.cmp(&b.1.key));
     v
 }
 
-/// Give session directory `dir` the template's disk: its layer 0 (hard-linked, or copied when
-/// `dir` is on another filesystem) and a new empty top over it. Returns the top's path.
-pub fn take_disk(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<PathBuf, WarmError> {
+/// Give session directory `dir` what it needs from the template: its disk layer 0 and its
+/// saved machine, both linked from one open handle on the template's directory (so a template
+/// replaced meanwhile can never pair one template's disk with another's RAM), then a new empty
+/// top over layer 0. Across filesystems layer 0 is copied and the state used in place.
+pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, WarmError> {
+    use std::os::fd::AsRawFd;
+    let io = |p: &Path, e: io::Error| WarmError::Io(p.to_path_buf(), e);
+    let handle = std::fs::File::open(&t.dir).map_err(|e| io(&t.dir, e))?;
+    let link = |name: &str, to: &Path| {
+        nix::unistd::linkat(
+            Some(handle.as_raw_fd()),
+            Path::new(name),
+            None,
+            to,
+            nix::fcntl::AtFlags::empty(),
+        )
+        .map_err(io::Error::from)
+    };
+    let via_handle =
+        |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
     let first = dir.join(crate::disk::FIRST);
-    if std::fs::hard_link(t.disk(), &first).is_err() {
-        std::fs::copy(t.disk(), &first).map_err(|e| WarmError::Io(first.clone(), e))?;
+    match link(crate::disk::FIRST, &first) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(via_handle(crate::disk::FIRST), &first).map_err(|e| io(&first, e))?;
+        }
+        Err(e) => return Err(io(&first, e)),
     }
+    let own = dir.join(TAKEN_STATE);
+    let state = match link(STATE_FILE, &own) {
+        Ok(()) => own,
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => t.dir.join(STATE_FILE),
+        Err(e) => {
+            drop_taken(dir);
+            return Err(io(&own, e));
+        }
+    };
     let top = dir.join(crate::disk::layer_name(1));
-    hv.create_disk(&first, &top)?;
-    Ok(top)
+    if let Err(e) = hv.create_disk(&first, &top) {
+        drop_taken(dir);
+        return Err(e.into());
+    }
+    Ok(Taken { top, state })
 }
 
-/// Undo [`take_disk`] in `dir` (the restore failed; the session boots cold instead).
-pub fn drop_disk(dir: &Path) {
+/// Undo [`take`] in `dir` (the restore failed; the session boots cold instead).
+pub fn drop_taken(dir: &Path) {
     for n in [1, 0] {
         let _ = std::fs::remove_file(dir.join(crate::disk::layer_name(n)));
     }
+    let _ = std::fs::remove_file(dir.join(TAKEN_STATE));
 }
 
-/// Take a template out of use (it did not load): later sessions boot cold until one is built
-/// again. Sessions already restored from it keep their own links.
+/// Take a template out of use (its saved machine did not load): later sessions boot cold until
+/// one is built again. Sessions already restored from it keep their own links. A directory
+/// that is no longer the one `t` was found as (a newer build took its place) is left alone.
 pub fn discard(t: &Template) {
-    let aside = t
-        .dir
-        .with_extension(format!("discarded-{}", std::process::id()));
-    if std::fs::rename(&t.dir, &aside).is_ok() {
+    if read_meta(&t.dir).is_some_and(|m| m.build == t.build) {
+        remove_aside(&t.dir);
+    }
+}
+
+/// Rename `dir` aside (atomic for its readers), then remove it.
+fn remove_aside(dir: &Path) {
+    let aside = dir.with_extension(format!("discarded-{}", std::process::id()));
+    if std::fs::rename(dir, &aside).is_ok() {
         let _ = std::fs::remove_dir_all(&aside);
     }
 }
@@ -199,15 +273,25 @@ pub fn publish(
         {
             let _ = std::fs::remove_dir_all(staging);
         }
-        Err(e) => return Err(WarmError::Io(dir, e)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(staging);
+            return Err(WarmError::Io(dir, e));
+        }
     }
     sweep(assets, meta);
-    Ok(Template { dir })
+    find(assets, &meta.key).ok_or_else(|| {
+        WarmError::Io(
+            dir,
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "the published template is not usable",
+            ),
+        )
+    })
 }
 
 /// Remove what `current` replaces: templates made from other assets, and templates of the
-/// same size under another key (made with another QEMU or kernel command line). Also staging
-/// directories of builds whose process is gone.
+/// same size under another key (made with another QEMU or kernel command line).
 fn sweep(assets: &Assets, current: &TemplateMeta) {
     for (t, meta) in list(assets) {
         let same_size = (meta.ram_mb, meta.cpus) == (current.ram_mb, current.cpus);
@@ -215,12 +299,21 @@ fn sweep(assets: &Assets, current: &TemplateMeta) {
             discard(&t);
         }
     }
+    sweep_leftovers(assets);
+}
+
+/// Remove the staging and discarded directories of processes that are gone (a build killed at
+/// its time limit, a removal cut short).
+pub fn sweep_leftovers(assets: &Assets) {
     let Ok(entries) = std::fs::read_dir(root(assets)) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.rsplit_once(".partial-").map(|(_, p)| p) else {
+        let Some(pid) = [".partial-", ".discarded-"]
+            .iter()
+            .find_map(|m| name.rsplit_once(m).map(|(_, p)| p))
+        else {
             continue;
         };
         let alive = pid
@@ -232,10 +325,13 @@ fn sweep(assets: &Assets, current: &TemplateMeta) {
     }
 }
 
-/// A private staging directory for a template build of `key` by this process.
+/// A private staging directory for a template build of `key` by this process (leftovers of
+/// earlier builds, and an unusable template of this key, are cleared first).
 pub fn staging_dir(assets: &Assets, key: &str) -> Result<PathBuf, WarmError> {
     let root = root(assets);
     crate::paths::private_dir(&root).map_err(|e| WarmError::Io(root.clone(), e))?;
+    sweep_leftovers(assets);
+    clear_unusable(assets, key);
     let dir = root.join(format!("{key}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     crate::paths::private_dir(&dir).map_err(|e| WarmError::Io(dir.clone(), e))?;
@@ -334,11 +430,14 @@ mod tests {
     }
 
     fn meta(a: &Assets, key: &str) -> TemplateMeta {
+        std::fs::write(&a.base_disk, "base").unwrap();
         TemplateMeta {
             key: key.into(),
             ram_mb: 4096,
             cpus: 2,
             assets: assets_digest(a),
+            base: a.base_disk.clone(),
+            build: format!("{:x}", rand::random::<u64>()),
             created_at: 0,
             state_bytes: 1,
         }
@@ -368,19 +467,40 @@ mod tests {
 
         let session = d.path().join("session");
         std::fs::create_dir(&session).unwrap();
-        let top = take_disk(&t, &session, &FakeHv).unwrap();
-        assert_eq!(top, session.join("disk.1.qcow2"));
+        let taken = take(&t, &session, &FakeHv).unwrap();
+        assert_eq!(taken.top, session.join("disk.1.qcow2"));
+        assert_eq!(taken.state, session.join(TAKEN_STATE));
         assert_eq!(
             std::fs::read_to_string(session.join("disk.qcow2")).unwrap(),
             "layer 0"
         );
+        assert_eq!(std::fs::read_to_string(&taken.state).unwrap(), "ram");
         assert_eq!(crate::disk::top(&session).unwrap(), Some(1));
-        // The session keeps its disk when the template goes.
+        // The session keeps its disk and state when the template goes.
         discard(&t);
         assert!(find(&a, "k1").is_none());
         assert!(session.join("disk.qcow2").is_file());
-        drop_disk(&session);
+        assert!(taken.state.is_file());
+        drop_taken(&session);
         assert_eq!(crate::disk::top(&session).unwrap(), None);
+        assert!(!taken.state.exists());
+    }
+
+    #[test]
+    fn a_stale_handle_never_discards_a_newer_template_and_a_lost_base_is_unusable() {
+        let d = tempfile::tempdir().unwrap();
+        let a = assets(d.path(), "i1");
+        let old = publish(&a, &build(&a, "k"), &meta(&a, "k")).unwrap();
+        discard(&old);
+        let new = publish(&a, &build(&a, "k"), &meta(&a, "k")).unwrap();
+        discard(&old);
+        assert!(find(&a, "k").is_some(), "a newer template was discarded");
+        // Its base gone (CAPSEM_HOME moved): not used, and cleared for a new build.
+        std::fs::remove_file(&a.base_disk).unwrap();
+        assert!(find(&a, "k").is_none());
+        assert!(new.dir.is_dir());
+        clear_unusable(&a, "k");
+        assert!(!new.dir.exists());
     }
 
     #[test]

@@ -95,6 +95,14 @@ fn main() {
         cold.push(timed_run(&cold_env));
     }
     drop(cold_env);
+    // Every warm run really was one: the template is the one the loop started with.
+    let after: capsem_core::api::WarmResponse = rt
+        .block_on(client.post("/warm", &capsem_core::api::WarmRequest::default()))
+        .unwrap();
+    assert!(
+        !after.built,
+        "the warm-start template was replaced during the runs"
+    );
     let raw_p50 = median(&mut raw);
     let ours_p50 = median(&mut ours);
     let cold_p50 = median(&mut cold);

@@ -65,16 +65,29 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
     // host's time would be at least this far off.
     std::thread::sleep(Duration::from_secs(4));
 
-    let ids: Vec<String> = (0..2)
-        .map(|_| {
-            env.ok(&["create", "--ram", "1", "--cpu", "1"])
-                .trim()
-                .to_string()
-        })
-        .collect();
+    // One unnamed, one named but temporary (the API's `persistent: false`): both restored.
+    let unnamed = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
+    let (code, body) = env.http(
+        "POST",
+        "/vms/create",
+        r#"{"name":"w1","persistent":false,"ram_mb":1024,"cpus":1}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let named: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids = [unnamed, named["id"].as_str().unwrap().to_string()];
     let mut draws = Vec::new();
-    for id in &ids {
+    for (id, hostname) in ids.iter().zip(["capsem", "w1"]) {
         assert_eq!(start(&env.info(id)), "warm", "{}", env.session_logs());
+        // The session's link to the saved machine is gone once it is loaded.
+        assert!(!env
+            .path()
+            .join("sessions")
+            .join(id)
+            .join("warm.state")
+            .exists());
         let before = now_secs();
         let out = env.ok(&[
             "exec",
@@ -89,7 +102,7 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
             guest > before - 1.0 && guest < after + 1.0,
             "guest clock {guest} not within a second of the host's {before}..{after}"
         );
-        assert_eq!(lines[1], "capsem");
+        assert_eq!(lines[1], hostname);
         draws.push(lines[2].to_string());
     }
     assert_eq!(draws[0].len(), 64);

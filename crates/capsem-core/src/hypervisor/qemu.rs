@@ -105,10 +105,38 @@ impl Hypervisor for Qemu {
         let binary = std::fs::metadata(&self.binary)
             .map(|m| format!("{} {} {}", m.size(), m.mtime(), m.mtime_nsec()))
             .unwrap_or_default();
+        // The TSC frequency hint only steers the boot's calibration, and the host's "cpu MHz"
+        // moves on hosts that scale their clock: left out, or no restore would ever match.
+        let args: Vec<String> = self
+            .args(spec)
+            .into_iter()
+            .map(|a| {
+                a.split(' ')
+                    .filter(|w| !w.starts_with("tsc_early_khz="))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        // Under KVM the guest runs on the host's CPU model: a saved guest may only continue
+        // on the same kernel and CPU features.
+        let host = match self.accel {
+            Accel::Kvm => format!(
+                "{} {}",
+                std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .unwrap_or_default()
+                    .trim(),
+                std::fs::read_to_string("/proc/cpuinfo")
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|l| l.starts_with("flags"))
+                    .unwrap_or("")
+            ),
+            Accel::Tcg => String::new(),
+        };
         format!(
-            "{} [{binary}] {}",
+            "{} [{binary}] [{host}] {}",
             self.binary.display(),
-            self.args(spec).join(" ")
+            args.join(" ")
         )
     }
 

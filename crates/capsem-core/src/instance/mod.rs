@@ -174,6 +174,7 @@ where
     // The top layer of the session's disk chain (a clone arrives with its layers linked in). A
     // new ephemeral session starts from the warm-start template when there is one for its size.
     let mut template = None;
+    let mut taken_state = None;
     let disk = match crate::disk::top_path(&dir)
         .map_err(|e| InstanceError::Record(cfg.id.clone(), e))?
     {
@@ -189,23 +190,22 @@ where
                 );
                 template = crate::warm::find(&assets, &key);
             }
-            let warm = template
+            match template
                 .as_ref()
-                .map(|t| crate::warm::take_disk(t, &dir, hv.as_ref()));
-            match warm {
-                Some(Ok(top)) => top,
-                other => {
-                    if let Some(Err(e)) = other {
-                        // Most likely its base moved (CAPSEM_HOME did): set it aside, so
-                        // sessions stop trying it until `capsem setup` makes a new one.
-                        tracing::warn!(id = %cfg.id, error = %crate::error_chain(&e), "cannot take the warm-start template's disk; discarded it, booting cold");
-                        crate::warm::drop_disk(&dir);
-                        if let Some(t) = template.take() {
-                            crate::warm::discard(&t);
-                        }
-                    }
+                .map(|t| crate::warm::take(t, &dir, hv.as_ref()))
+            {
+                Some(Ok(taken)) => {
+                    taken_state = Some(taken.state);
+                    taken.top
+                }
+                Some(Err(e)) => {
+                    // Nothing says the template is bad (a full disk, a template being
+                    // replaced): this session boots cold, the template stays.
+                    tracing::warn!(id = %cfg.id, error = %crate::error_chain(&e), "cannot take the warm-start template; booting cold");
+                    template = None;
                     cold_disk(hv.as_ref(), &assets, &dir)?
                 }
+                None => cold_disk(hv.as_ref(), &assets, &dir)?,
             }
         }
     };
@@ -229,7 +229,7 @@ where
         incoming: if own_state {
             Some(state.clone())
         } else {
-            template.as_ref().map(crate::warm::Template::state)
+            taken_state
         },
         cmdline_extra,
     };
@@ -271,11 +271,22 @@ where
         if let Some(r) = resumer {
             r.abort();
         }
+        // A restored guest becomes this session's before anything else reaches it.
+        let outcome = match outcome {
+            Ok(ch) if spec.incoming.is_some() => {
+                match take_identity(&ch.handle(), &spec.hostname).await {
+                    Ok(()) => Ok(ch),
+                    Err(e) => Err(crate::error_chain(&e)),
+                }
+            }
+            other => other,
+        };
         match outcome {
             Ok(ch) => {
                 if let Some(state) = spec.incoming.take() {
-                    if template.is_none() {
-                        // Consumed: the disk moves on from here.
+                    // Consumed: the disk moves on from here. (The session's own state, or its
+                    // link to the template's; never the template's file itself.)
+                    if state.starts_with(&dir) {
                         let _ = std::fs::remove_file(&state);
                     }
                     tracing::info!(id = %cfg.id, start = start.as_str(), "restored from saved state");
@@ -283,12 +294,13 @@ where
                 break (vm, ch);
             }
             Err(why) if template.is_some() => {
-                // A template that does not load is of no use to anyone: take it out of use
+                // A template whose machine does not load, does not greet after a second
+                // hang-up, or refuses its identity is of no use to anyone: take it out of use
                 // and boot this session cold on a disk of its own.
                 let _ = vm.child.kill().await;
                 let t = template.take().expect("checked");
                 crate::warm::discard(&t);
-                crate::warm::drop_disk(&dir);
+                crate::warm::drop_taken(&dir);
                 spec.incoming = None;
                 spec.disk = cold_disk(hv.as_ref(), &assets, &dir)?;
                 start = StartKind::Cold;
@@ -314,11 +326,6 @@ where
     let guest = channel.handle();
     serve_guest_streams(channel.inbound, network.clone());
     let t = Instant::now();
-    if start != StartKind::Cold {
-        take_identity(&guest, &spec.hostname).await?;
-    }
-    let identity_ms = t.elapsed().as_millis() as u64;
-    let t = Instant::now();
     match guest
         .control(&capsem_proto::control::ControlRequest::TrustCa {
             pem: network.ca.cert_pem().to_string(),
@@ -328,11 +335,7 @@ where
         capsem_proto::control::ControlResponse::Done => {}
         other => return Err(InstanceError::TrustCa(format!("{other:?}"))),
     }
-    tracing::debug!(
-        identity_ms,
-        trust_ca_ms = t.elapsed().as_millis() as u64,
-        "guest set up"
-    );
+    tracing::debug!(trust_ca_ms = t.elapsed().as_millis() as u64, "CA trusted");
     let boot_wall_ms = started.elapsed().as_millis() as u64;
     let info = VmInfo {
         hypervisor: hv.name().to_string(),
@@ -439,6 +442,7 @@ fn cold_disk(
 /// (every guest restored from one template would otherwise share its random stream), and the
 /// host's clock. No exec runs before this returns.
 async fn take_identity(guest: &crate::channel::Guest, hostname: &str) -> Result<(), InstanceError> {
+    let t = Instant::now();
     let seed: [u8; 32] = rand::random();
     let unix_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -452,7 +456,10 @@ async fn take_identity(guest: &crate::channel::Guest, hostname: &str) -> Result<
         })
         .await?
     {
-        capsem_proto::control::ControlResponse::Done => Ok(()),
+        capsem_proto::control::ControlResponse::Done => {
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, "identity taken");
+            Ok(())
+        }
         other => Err(InstanceError::Identity(format!("{other:?}"))),
     }
 }
@@ -715,9 +722,11 @@ pub async fn build_template(
             Ok(state_bytes) => {
                 let meta = crate::warm::TemplateMeta {
                     key: key.clone(),
+                    build: format!("{:016x}", rand::random::<u64>()),
                     ram_mb,
                     cpus,
                     assets: crate::warm::assets_digest(&assets),
+                    base: std::fs::canonicalize(&assets.base_disk).unwrap_or_default(),
                     created_at: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())
@@ -786,8 +795,8 @@ async fn make_template(
 }
 
 /// Restore a just-saved template once, in a scratch directory with its own disk top: it must
-/// greet without being hung up on again (or every warm start would wait for that) and run a
-/// command.
+/// greet without being hung up on again (or every warm start would wait for that), take an
+/// identity and run a command.
 async fn verify_template(
     hv: &dyn hypervisor::Hypervisor,
     spec: &VmSpec,
@@ -816,6 +825,7 @@ async fn verify_template(
                 .map_err(|e| InstanceError::Template(format!("the restored template did not greet: {e}")))?,
             status = vm.child.wait() => return Err(InstanceError::VmExited(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
         };
+        take_identity(&ch.handle(), "capsem").await?;
         warm_up(&ch.handle(), "true").await
     }
     .await;
