@@ -38,7 +38,7 @@ fn build_template(env: &Env) -> std::path::PathBuf {
 }
 
 #[test]
-fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
+fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_rebuilt() {
     let Some(env) = Env::new() else { return };
     let started = env
         .cmd(&["start"])
@@ -137,7 +137,24 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold() {
     assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
     assert!(!tmpl.exists(), "the bad template is still in use");
     env.ok(&["delete", &id]);
+    // The service saw this size start warm before: it builds a new template by itself, and
+    // the next session starts warm again.
+    assert!(
+        env.wait_until(Duration::from_secs(180), || tmpl
+            .join("warm.json")
+            .is_file()),
+        "no new template: {}",
+        std::fs::read_to_string(env.path().join("run/warm.log")).unwrap_or_default()
+    );
+    let id = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
+    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
+    env.ok(&["delete", &id]);
     capsem_e2e::assert_nothing_left(&env);
+    // This test's template is of no use to anyone else.
+    let _ = std::fs::remove_dir_all(&tmpl);
 }
 
 #[test]

@@ -74,6 +74,8 @@ struct Inner {
     accel: OnceCell<Accel>,
     /// Held while a warm-start template is built (one at a time).
     warming: Mutex<()>,
+    /// Sizes (MiB, CPUs) a temporary session has started warm at, since this service started.
+    warm_sizes: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
 }
 
 #[derive(Clone)]
@@ -89,6 +91,7 @@ impl Service {
                 sessions: Mutex::new(HashMap::new()),
                 accel: OnceCell::new(),
                 warming: Mutex::new(()),
+                warm_sizes: Default::default(),
             }),
         }
     }
@@ -305,8 +308,46 @@ impl Service {
                 return Err(e);
             }
         };
+        let start = spawned.info.start;
         self.mark_running(&id, spawned, exited_tx, exited_rx).await;
+        if !record.persistent {
+            self.heal_warm_start(ram_mb, cpus, start);
+        }
         self.info(&id).await
+    }
+
+    /// A temporary session of a size that started warm before now booted cold: its template
+    /// was discarded (it stopped loading). Build a new one in the background, once per size
+    /// and service lifetime (a template that keeps failing is not rebuilt in a loop).
+    fn heal_warm_start(&self, ram_mb: u32, cpus: u32, start: api::StartKind) {
+        let mut sizes = self
+            .inner
+            .warm_sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match start {
+            api::StartKind::Warm => {
+                sizes.insert((ram_mb, cpus));
+            }
+            api::StartKind::Cold if crate::warm::enabled() && sizes.remove(&(ram_mb, cpus)) => {
+                let svc = self.clone();
+                tokio::spawn(async move {
+                    let req = api::WarmRequest {
+                        ram_mb: Some(ram_mb),
+                        cpus: Some(cpus),
+                    };
+                    match svc.warm(req).await {
+                        Ok(r) => {
+                            tracing::info!(key = %r.key, built = r.built, "warm-start template rebuilt")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e.message, "warm-start template not rebuilt")
+                        }
+                    }
+                });
+            }
+            _ => {}
+        }
     }
 
     /// A session's process is up: record it, and watch for its end.
