@@ -5,18 +5,20 @@
 //!
 //! ```text
 //! <assets>/v<version>/warm/<key>/
-//!     warm.json        what the template was made from (key, RAM, CPUs, asset digest)
-//!     disk.qcow2       the guest's disk at the save (over the empty ext4 base, absolute backing)
+//!     warm.json        what the template was made from (key, build id, RAM, CPUs, assets, base)
+//!     disk.qcow2       the guest's disk at the save (over the empty ext4 base, by its real path)
 //!     vm.state         RAM and device state, as QEMU's migration stream
 //! ```
 //!
-//! A session restored from a template gets the template's `disk.qcow2` as its layer 0 (hard
-//! linked, so deleting the template never breaks it) and a new empty top, which makes the disk
-//! exactly the one the saved RAM expects. The guest then takes its own identity
-//! ([`capsem_proto::control::ControlRequest::Identity`]): hostname, a reseeded RNG, the clock.
-//! The key covers everything the saved state depends on: the asset files' digests, the full
-//! launch description (machine flags, kernel command line, QEMU binary), RAM and CPUs; anything
-//! else gets a cold boot.
+//! A session restored from a template hard-links the template's `disk.qcow2` (as its layer 0)
+//! and `vm.state` (as `warm.state`, removed once loaded) from one open handle on the template's
+//! directory, so deleting or replacing the template never breaks or mixes it, and adds a new
+//! empty top: the disk is exactly the one the saved RAM expects. The guest then takes its own
+//! identity ([`capsem_proto::control::ControlRequest::Identity`]): hostname, a reseeded RNG,
+//! the clock. The key covers what the saved state depends on: the asset files' digests, the
+//! launch description (QEMU binary, machine flags, kernel command line; per-session paths and
+//! the boot-only TSC hint left out; the host kernel and CPU flags under KVM), RAM and CPUs;
+//! anything else gets a cold boot.
 
 use std::io;
 use std::path::{Path, PathBuf};
