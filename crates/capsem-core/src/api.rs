@@ -303,6 +303,18 @@ pub struct StatusResponse {
     pub sessions: usize,
     pub accel: Option<String>,
     pub assets: Option<String>,
+    /// The usable warm-start templates (sizes whose temporary sessions are restored).
+    #[serde(default)]
+    pub warm: Vec<WarmTemplate>,
+}
+
+/// One warm-start template, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WarmTemplate {
+    pub ram_mb: u32,
+    pub cpus: u32,
+    pub state_bytes: u64,
+    pub created_at: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

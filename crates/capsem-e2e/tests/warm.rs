@@ -47,6 +47,16 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_
         .unwrap();
     assert!(started.status.success(), "{started:?}");
     let tmpl = build_template(&env);
+    // `status` lists it.
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert!(
+        status["warm"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["ram_mb"] == 1024 && t["cpus"] == 1),
+        "{status}"
+    );
     // Asking again finds it.
     let again = env.ok(&["image", "warm", "--ram", "1", "--cpu", "1"]);
     assert!(again.starts_with("warm start up to date"), "{again}");

@@ -62,9 +62,22 @@ async fn version() -> Json<VersionResponse> {
 }
 
 async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
-    let assets = crate::image::load(&svc.home().assets_root())
-        .ok()
-        .map(|a| a.dir.display().to_string());
+    let loaded = crate::image::load(&svc.home().assets_root()).ok();
+    let assets = loaded.as_ref().map(|a| a.dir.display().to_string());
+    let warm = loaded
+        .map(|a| {
+            crate::warm::list(&a)
+                .into_iter()
+                .filter(|(_, m)| crate::warm::find(&a, &m.key).is_some())
+                .map(|(_, m)| crate::api::WarmTemplate {
+                    ram_mb: m.ram_mb,
+                    cpus: m.cpus,
+                    state_bytes: m.state_bytes,
+                    created_at: m.created_at,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Json(StatusResponse {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -72,6 +85,7 @@ async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
         sessions: svc.count().await,
         accel: svc.accel_known().map(|a| a.as_str().to_string()),
         assets,
+        warm,
     })
 }
 

@@ -33,6 +33,17 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<i32> {
         Some(a) => println!("  assets    {a}"),
         None => println!("  assets    missing: run `capsem setup`"),
     }
+    if s.warm.is_empty() {
+        println!("  warm      none: temporary sessions boot cold (`capsem image warm` saves one)");
+    }
+    for t in &s.warm {
+        println!(
+            "  warm      {} MiB, {} CPUs: temporary sessions of this size are restored ({} MiB saved)",
+            t.ram_mb,
+            t.cpus,
+            t.state_bytes >> 20
+        );
+    }
     Ok(0)
 }
 
