@@ -156,6 +156,15 @@ fn read_meta(dir: &Path) -> Option<TemplateMeta> {
     serde_json::from_slice(&std::fs::read(dir.join(META_FILE)).ok()?).ok()
 }
 
+/// The descriptions of the templates of `assets` that [`find`] would use.
+pub fn usable(assets: &Assets) -> Vec<TemplateMeta> {
+    list(assets)
+        .into_iter()
+        .filter(|(_, m)| find(assets, &m.key).is_some())
+        .map(|(_, m)| m)
+        .collect()
+}
+
 /// Remove the template directory of `key` if it is there but not usable (see [`find`]), so a
 /// new build can take its place.
 pub fn clear_unusable(assets: &Assets, key: &str) {

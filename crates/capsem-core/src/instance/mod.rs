@@ -26,6 +26,26 @@ use crate::record::SessionRecord;
 /// Read by capsem-process, so set it where the service starts.
 pub const KERNEL_ARGS_ENV: &str = "CAPSEM_KERNEL_ARGS";
 
+/// The per-VM files QEMU and capsem share in a VM's directory: the guest channel's socket
+/// (capsem listens), QMP's socket (QEMU listens) and the serial console log.
+const CHANNEL_SOCKET: &str = "channel.sock";
+const QMP_SOCKET: &str = "qmp.sock";
+const SERIAL_LOG: &str = "serial.log";
+
+/// Point `spec`'s channel, QMP socket and console log into `dir`.
+fn place(spec: &mut VmSpec, dir: &std::path::Path) {
+    spec.channel_socket = dir.join(CHANNEL_SOCKET);
+    spec.control_socket = dir.join(QMP_SOCKET);
+    spec.serial_log = dir.join(SERIAL_LOG);
+}
+
+/// Remove the sockets [`place`] put in `dir` (the VM is gone).
+fn remove_sockets(dir: &std::path::Path) {
+    for f in [CHANNEL_SOCKET, QMP_SOCKET] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
 /// Where a suspended session's RAM and device state is saved (`sessions/<id>/state/vm.state`).
 pub const STATE_DIR: &str = "state";
 pub const STATE_FILE: &str = "vm.state";
@@ -138,10 +158,7 @@ pub async fn run(
     if let (Err(e), Some(r)) = (&result, ready.take()) {
         r(Err(e));
     }
-    let dir = cfg.home.session_dir(&cfg.id);
-    for f in ["channel.sock", "qmp.sock"] {
-        let _ = std::fs::remove_file(dir.join(f));
-    }
+    remove_sockets(&cfg.home.session_dir(&cfg.id));
     let _ = std::fs::remove_file(cfg.home.instance_socket(&cfg.id));
     result
 }
@@ -211,8 +228,6 @@ where
     };
     // The VM writes the top from now on: it is no longer a fresh copy point.
     crate::disk::clear_fresh(&dir).map_err(|e| InstanceError::Record(cfg.id.clone(), e))?;
-    let channel_path = dir.join("channel.sock");
-    let listener = bind(&channel_path)?;
     let state = dir.join(STATE_DIR).join(STATE_FILE);
     let own_state = state.is_file();
     let mut spec = VmSpec {
@@ -222,9 +237,9 @@ where
         disk,
         ram_mb: record.ram_mb,
         cpus: record.cpus,
-        channel_socket: channel_path,
-        control_socket: dir.join("qmp.sock"),
-        serial_log: dir.join("serial.log"),
+        channel_socket: PathBuf::new(),
+        control_socket: PathBuf::new(),
+        serial_log: PathBuf::new(),
         hostname: record.name.clone().unwrap_or_else(|| "capsem".into()),
         incoming: if own_state {
             Some(state.clone())
@@ -233,6 +248,8 @@ where
         },
         cmdline_extra,
     };
+    place(&mut spec, &dir);
+    let listener = bind(&spec.channel_socket)?;
     let mut start = match (&spec.incoming, &template) {
         (None, _) => StartKind::Cold,
         (Some(_), Some(_)) => StartKind::Warm,
@@ -264,9 +281,7 @@ where
                 }
                 Err(e) => return Err(e.into()),
             },
-            status = vm.child.wait() => {
-                Err(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
-            }
+            status = vm.child.wait() => Err(exit_text(status)),
         };
         if let Some(r) = resumer {
             r.abort();
@@ -419,6 +434,25 @@ async fn connect_guest(
     GuestChannel::establish(listener, CONNECT_LIMIT, READY_LIMIT).await
 }
 
+/// The guest's handshake on `listener`, or the VM's end if QEMU exits first.
+async fn handshake_or_exit(
+    listener: &tokio::net::UnixListener,
+    vm: &mut hypervisor::RunningVm,
+    ready_limit: Duration,
+) -> Result<GuestChannel, InstanceError> {
+    tokio::select! {
+        ch = GuestChannel::establish(listener, CONNECT_LIMIT, ready_limit) => Ok(ch?),
+        status = vm.child.wait() => Err(InstanceError::VmExited(exit_text(status))),
+    }
+}
+
+/// How a VM process ended, in words.
+fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
+    status
+        .map(|s| s.to_string())
+        .unwrap_or_else(|e| e.to_string())
+}
+
 /// `CAPSEM_KERNEL_ARGS`, split into words.
 fn kernel_args_from_env() -> Vec<String> {
     std::env::var(KERNEL_ARGS_ENV)
@@ -541,7 +575,7 @@ async fn save_machine(
     hanging_up: impl FnOnce(),
 ) -> Result<u64, String> {
     guest_sync(guest).await?;
-    let serial = dir.join("serial.log");
+    let serial = dir.join(SERIAL_LOG);
     let waits = |t: &str| t.matches("waiting for the host").count();
     let before = waits(&std::fs::read_to_string(&serial).unwrap_or_default());
     hanging_up();
@@ -616,7 +650,7 @@ async fn save_machine(
 
 /// A QMP connection to the VM whose session files are in `dir`, which it has just paused.
 async fn paused(dir: &std::path::Path) -> Result<crate::hypervisor::qmp::Qmp, String> {
-    let mut q = crate::hypervisor::qmp::Qmp::connect(&dir.join("qmp.sock"), CONNECT_LIMIT)
+    let mut q = crate::hypervisor::qmp::Qmp::connect(&dir.join(QMP_SOCKET), CONNECT_LIMIT)
         .await
         .map_err(|e| e.to_string())?;
     q.execute("stop", serde_json::Value::Null)
@@ -768,15 +802,10 @@ async fn make_template(
         .map_err(|e| InstanceError::Template(format!("{}: {e}", assets.base_disk.display())))?;
     spec.disk = staging.join(crate::disk::FIRST);
     hv.create_disk(&base, &spec.disk)?;
-    spec.channel_socket = staging.join("channel.sock");
-    spec.control_socket = staging.join("qmp.sock");
-    spec.serial_log = staging.join("serial.log");
+    place(&mut spec, staging);
     let listener = bind(&spec.channel_socket)?;
     let mut vm = hv.launch(&spec)?;
-    let channel = tokio::select! {
-        ch = GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT) => ch?,
-        status = vm.child.wait() => return Err(InstanceError::VmExited(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
-    };
+    let channel = handshake_or_exit(&listener, &mut vm, READY_LIMIT).await?;
     let guest = channel.handle();
     let mut inbound = channel.inbound;
     tokio::spawn(async move { while inbound.recv().await.is_some() {} });
@@ -788,9 +817,7 @@ async fn make_template(
     let _ = vm.child.kill().await;
     let bytes = saved.map_err(InstanceError::Template)?;
     verify_template(hv, &spec, staging, &state).await?;
-    for f in ["channel.sock", "qmp.sock"] {
-        let _ = std::fs::remove_file(staging.join(f));
-    }
+    remove_sockets(staging);
     Ok(bytes)
 }
 
@@ -812,19 +839,20 @@ async fn verify_template(
     let top = scratch.join(crate::disk::layer_name(1));
     hv.create_disk(&spec.disk, &top)?;
     spec.disk = top;
-    spec.channel_socket = scratch.join("channel.sock");
-    spec.control_socket = scratch.join("qmp.sock");
-    spec.serial_log = scratch.join("serial.log");
+    place(&mut spec, &scratch);
     spec.incoming = Some(state.to_path_buf());
     let listener = bind(&spec.channel_socket)?;
     let mut vm = hv.launch(&spec)?;
     let resumer = tokio::spawn(continue_after_load(spec.control_socket.clone()));
     let checked = async {
-        let ch = tokio::select! {
-            ch = GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_GREET_LIMIT) => ch
-                .map_err(|e| InstanceError::Template(format!("the restored template did not greet: {e}")))?,
-            status = vm.child.wait() => return Err(InstanceError::VmExited(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
-        };
+        let ch = handshake_or_exit(&listener, &mut vm, RESUME_GREET_LIMIT)
+            .await
+            .map_err(|e| {
+                InstanceError::Template(format!(
+                    "the restored template did not greet: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
         take_identity(&ch.handle(), "capsem").await?;
         warm_up(&ch.handle(), "true").await
     }

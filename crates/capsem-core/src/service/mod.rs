@@ -658,12 +658,7 @@ impl Service {
         let e = map
             .get_mut(&id)
             .ok_or_else(|| HttpError::not_found(query))?;
-        if e.status == Status::Stopping {
-            return Err(HttpError::new(
-                StatusCode::CONFLICT,
-                format!("session {} is being deleted", e.record.display_name()),
-            ));
-        }
+        not_being_deleted(e)?;
         let mut record = e.record.clone();
         record.name = Some(name.to_string());
         record.persistent = true;
@@ -691,15 +686,7 @@ impl Service {
                 let e = map
                     .get_mut(&id)
                     .ok_or_else(|| HttpError::not_found(query))?;
-                if e.status == Status::Stopping {
-                    return Err(HttpError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "session {} is already being deleted",
-                            e.record.display_name()
-                        ),
-                    ));
-                }
+                not_being_deleted(e)?;
                 if e.busy.is_none() {
                     e.status = Status::Stopping;
                     break (e.exited.clone(), e.pid);
@@ -971,6 +958,17 @@ fn name_free(map: &HashMap<String, Entry>, name: &str, id: &str) -> Result<(), H
         return Err(HttpError::new(
             StatusCode::CONFLICT,
             format!("a session named {name:?} already exists; pick another name or `capsem delete {name}`"),
+        ));
+    }
+    Ok(())
+}
+
+/// 409 when the session is being deleted.
+fn not_being_deleted(e: &Entry) -> Result<(), HttpError> {
+    if e.status == Status::Stopping {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!("session {} is being deleted", e.record.display_name()),
         ));
     }
     Ok(())

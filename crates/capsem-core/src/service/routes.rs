@@ -66,10 +66,9 @@ async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
     let assets = loaded.as_ref().map(|a| a.dir.display().to_string());
     let warm = loaded
         .map(|a| {
-            crate::warm::list(&a)
+            crate::warm::usable(&a)
                 .into_iter()
-                .filter(|(_, m)| crate::warm::find(&a, &m.key).is_some())
-                .map(|(_, m)| crate::api::WarmTemplate {
+                .map(|m| crate::api::WarmTemplate {
                     ram_mb: m.ram_mb,
                     cpus: m.cpus,
                     state_bytes: m.state_bytes,

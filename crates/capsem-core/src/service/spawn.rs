@@ -58,6 +58,20 @@ pub struct Spawned {
     pub info: VmInfo,
 }
 
+/// A `capsem-process` command for `home` and `accel` (stdin closed); the caller adds its mode.
+fn process_command(home: &Home, accel: Accel) -> Result<tokio::process::Command, SpawnError> {
+    let bin = sibling_binary("capsem-process", PROCESS_BIN_ENV);
+    if !bin.is_file() {
+        return Err(SpawnError::Missing(bin));
+    }
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.arg("--accel")
+        .arg(accel.as_str())
+        .env(crate::paths::HOME_ENV, home.root())
+        .stdin(Stdio::null());
+    Ok(cmd)
+}
+
 /// Start the process for session `id` and wait until its VM is ready.
 pub async fn start(
     home: &Home,
@@ -65,23 +79,15 @@ pub async fn start(
     accel: Accel,
     limit: Duration,
 ) -> Result<Spawned, SpawnError> {
-    let bin = sibling_binary("capsem-process", PROCESS_BIN_ENV);
-    if !bin.is_file() {
-        return Err(SpawnError::Missing(bin));
-    }
+    let mut cmd = process_command(home, accel)?;
     let dir = home.session_dir(id);
     let log = crate::paths::private_log(&dir.join("process.log"))?;
     let (read_end, write_end) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
-    let mut cmd = tokio::process::Command::new(&bin);
     cmd.arg("--id")
         .arg(id)
-        .arg("--accel")
-        .arg(accel.as_str())
         .arg("--ready-fd")
         .arg(READY_FD.to_string())
-        .env(crate::paths::HOME_ENV, home.root())
-        .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(false);
@@ -138,22 +144,14 @@ pub async fn warm(
     cpus: u32,
     limit: Duration,
 ) -> Result<crate::api::WarmResponse, SpawnError> {
-    let bin = sibling_binary("capsem-process", PROCESS_BIN_ENV);
-    if !bin.is_file() {
-        return Err(SpawnError::Missing(bin));
-    }
     let log_path = home.run_dir().join("warm.log");
     let log = crate::paths::private_log(&log_path)?;
-    let child = tokio::process::Command::new(&bin)
+    let child = process_command(home, accel)?
         .arg("--warm")
         .arg("--ram-mb")
         .arg(ram_mb.to_string())
         .arg("--cpus")
         .arg(cpus.to_string())
-        .arg("--accel")
-        .arg(accel.as_str())
-        .env(crate::paths::HOME_ENV, home.root())
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
         .kill_on_drop(true)
