@@ -267,12 +267,19 @@ where
             .incoming
             .as_ref()
             .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone())));
+        // Whether a failure proves the saved machine bad (QEMU ended, or the guest refused its
+        // identity) rather than only slow (no greeting in time, which a rare TCG hang of a
+        // good machine also causes).
+        let mut proven_bad = true;
         let outcome = tokio::select! {
             ch = connect_guest(&listener, spec.incoming.is_some()) => match ch {
                 Ok(ch) => Ok(ch),
                 // A state that fails to load ends QEMU, and with it the channel; one that loads
                 // but whose guest never greets is as bad.
-                Err(e) if spec.incoming.is_some() => Err(e.to_string()),
+                Err(e) if spec.incoming.is_some() => {
+                    proven_bad = false;
+                    Err(e.to_string())
+                }
                 Err(ChannelError::ReadyTimeout(limit)) if cold_retries > 0 => {
                     cold_retries -= 1;
                     let _ = vm.child.kill().await;
@@ -309,17 +316,19 @@ where
                 break (vm, ch);
             }
             Err(why) if template.is_some() => {
-                // A template whose machine does not load, does not greet after a second
-                // hang-up, or refuses its identity is of no use to anyone: take it out of use
-                // and boot this session cold on a disk of its own.
+                // This session boots cold on a disk of its own. A template whose machine does
+                // not load or refuses its identity is of no use to anyone: taken out of use. One
+                // whose guest only did not greet stays (it passed that check when it was built).
                 let _ = vm.child.kill().await;
                 let t = template.take().expect("checked");
-                crate::warm::discard(&t);
+                if proven_bad {
+                    crate::warm::discard(&t);
+                }
                 crate::warm::drop_taken(&dir);
                 spec.incoming = None;
                 spec.disk = cold_disk(hv.as_ref(), &assets, &dir)?;
                 start = StartKind::Cold;
-                tracing::warn!(id = %cfg.id, %why, "the warm-start template did not load; discarded, booting cold");
+                tracing::warn!(id = %cfg.id, %why, discarded = proven_bad, "the warm-start template did not come up; booting cold");
             }
             Err(why) if spec.incoming.is_some() => {
                 let _ = vm.child.kill().await;
