@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -85,9 +85,9 @@ pub fn open(path: &Path) -> Result<OwnedFd, ChannelError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn writable_now(port: &FdStream) -> bool {
+fn writable_now(port: RawFd) -> bool {
     let mut p = libc::pollfd {
-        fd: port.raw(),
+        fd: port,
         events: libc::POLLOUT,
         revents: 0,
     };
@@ -97,15 +97,49 @@ fn writable_now(port: &FdStream) -> bool {
 }
 
 /// Resolve once the host end of the port is connected (the port is writable).
-pub async fn wait_host(port: &FdStream) -> io::Result<()> {
+///
+/// While no host is connected the port reports `POLLHUP`, which `poll` always returns, and
+/// which tokio keeps as a final "closed" state for the descriptor's registration: neither can
+/// wait for the host to come back without spinning. So the wait is on a private edge-triggered
+/// epoll set holding only the port, which wakes once per change of the port's state (the host
+/// connecting is one); tokio watches that set's own descriptor, which is only ever readable.
+pub async fn wait_host(port: &OwnedFd) -> io::Result<()> {
+    let port = port.as_raw_fd();
+    // SAFETY: epoll_create1 with a flag; the result is checked and owned at once.
+    let set = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `set` was just created and is owned by nobody else.
+    let set = unsafe { OwnedFd::from_raw_fd(set) };
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLOUT | libc::EPOLLET) as u32,
+        u64: 0,
+    };
+    // SAFETY: both descriptors are open; `ev` is a valid event we own.
+    if unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_ADD, port, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the AsyncFd owns the set and neither replaces nor closes it while registered.
+    let set = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(set, tokio::io::Interest::READABLE)?
+    };
     loop {
         if writable_now(port) {
             return Ok(());
         }
-        let mut guard = port.async_fd().writable().await?;
-        if writable_now(port) {
-            return Ok(());
-        }
+        let mut guard = set.readable().await?;
+        // Take what the set reported (an edge-triggered entry is reported once per change).
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: the set is open; the buffer holds `events.len()` entries.
+        unsafe { libc::epoll_wait(guard.get_inner().as_raw_fd(), events.as_mut_ptr(), 4, 0) };
         guard.clear_ready();
     }
+}
+
+/// A stream on the port for one host session: a duplicate descriptor with a registration of
+/// its own, made while the host is connected. (A registration that has seen the host go away
+/// counts the port as closed for good; see [`FdStream`].) Needs a tokio runtime.
+pub fn session_stream(port: &OwnedFd) -> io::Result<FdStream> {
+    FdStream::new(port.try_clone()?)
 }

@@ -1,6 +1,11 @@
 //! A non-blocking file descriptor as tokio `AsyncRead + AsyncWrite` through `AsyncFd`: the
 //! virtio-serial port (one descriptor for both directions; the port cannot be opened twice)
 //! and PTY masters. Clones share the descriptor, so one task may read while another writes.
+//!
+//! tokio keeps a hang-up (`POLLHUP`) as a final state of a registration: from then on it always
+//! reports the descriptor ready. So once the other end has hung up, a read that would block is
+//! the end of the stream and a write that would block is a broken pipe, instead of a retry loop
+//! that never sleeps. (A channel stream is registered anew for each host session.)
 //! [`Coalesce`] gathers the channel's small writes into one `write(2)` per flush.
 
 use std::io;
@@ -63,6 +68,7 @@ impl AsyncRead for FdStream {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let closed = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             let res = guard.try_io(|fd| {
                 // SAFETY: reading into a slice we hold mutably, of its length.
@@ -77,6 +83,8 @@ impl AsyncRead for FdStream {
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // The other end went away since this registration began: end of stream.
+                Err(_would_block) if closed => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }
@@ -91,6 +99,7 @@ impl AsyncWrite for FdStream {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let closed = guard.ready().is_write_closed();
             let res = guard.try_io(|fd| {
                 // SAFETY: writing from a slice we hold, of its length.
                 cvt(unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) })
@@ -99,6 +108,14 @@ impl AsyncWrite for FdStream {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // The other end went away (a virtio-serial port whose host hung up blocks
+                // writes rather than failing them): nothing written now will be read.
+                Err(_would_block) if closed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the other end hung up",
+                    )))
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -212,6 +229,22 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A PTY master whose other end is closed takes a few KiB, then blocks writes while
+    /// reporting a hang-up, as a virtio-serial port with no host does (which never takes
+    /// them): the write that would block fails.
+    #[tokio::test]
+    async fn a_write_after_the_other_end_hung_up_fails() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        drop(pty.slave);
+        set_nonblocking(pty.master.as_raw_fd()).unwrap();
+        let mut s = FdStream::new(pty.master).unwrap();
+        let big = vec![b'x'; 1 << 20];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), s.write_all(&big))
+            .await
+            .expect("the write neither failed nor finished");
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[tokio::test]

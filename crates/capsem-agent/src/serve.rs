@@ -20,7 +20,9 @@ use capsem_proto::{port, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::control::{self, Outcome};
-use crate::fdio::{Coalesce, FdStream};
+use std::os::fd::OwnedFd;
+
+use crate::fdio::Coalesce;
 use crate::{channel, clock, console, exec, power, terminal};
 
 /// Whether this agent is a VM's init (may power off) or a standalone process.
@@ -67,11 +69,7 @@ pub fn start(boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
         .build()
         .map_err(ServeError::Runtime)?;
     console::trace(|| "runtime built".into());
-    rt.block_on(async move {
-        let port = FdStream::new(fd).map_err(ServeError::Register)?;
-        console::trace(|| "port registered".into());
-        run(port, boot, mode).await
-    })
+    rt.block_on(run(fd, boot, mode))
 }
 
 /// The running kernel's release (`uname -r`).
@@ -90,7 +88,7 @@ pub fn kernel_release() -> String {
 
 /// Serve the host over the channel port for as long as the VM runs: one mux session per
 /// host connection. Returns only on a refusal (standalone) or an I/O error.
-pub async fn run(port: FdStream, mut boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
+pub async fn run(port: OwnedFd, mut boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
     let release = kernel_release();
     let mut first = true;
     let link = crate::net::HostLink::default();
@@ -100,6 +98,7 @@ pub async fn run(port: FdStream, mut boot: BootTiming, mode: Mode) -> Result<(),
     loop {
         channel::wait_host(&port).await.map_err(ServeError::Wait)?;
         console::trace(|| "host connected".into());
+        let stream = channel::session_stream(&port).map_err(ServeError::Register)?;
         if first {
             boot.ready_ms = clock::uptime_ms();
         }
@@ -109,7 +108,7 @@ pub async fn run(port: FdStream, mut boot: BootTiming, mode: Mode) -> Result<(),
             kernel_release: release.clone(),
             boot: boot.clone(),
         };
-        let conn = serve_connection_linked(Coalesce::new(port.clone()), ready, mode, &link).await;
+        let conn = serve_connection_linked(Coalesce::new(stream), ready, mode, &link).await;
         link.set(None);
         match conn {
             Ok(()) => {}

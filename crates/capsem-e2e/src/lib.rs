@@ -166,6 +166,28 @@ impl Env {
         serde_json::from_str(&self.ok(&["info", session, "--json"])).expect("info JSON")
     }
 
+    /// The guest agent of `session` must be idle while the guest is: it may use no more than a
+    /// quarter of a CPU over two quiet seconds. (An agent that busy-waits on its channel, as
+    /// one did after every host hang-up, uses all of one.) The agent is the exec'd shell's
+    /// parent; its CPU time is fields 14 and 15 of its `/proc/PID/stat`, in 1/100 s.
+    pub fn assert_agent_idle(&self, session: &str) {
+        let out = self.ok(&[
+            "exec",
+            session,
+            "t() { cut -d' ' -f14,15 /proc/$PPID/stat; }; a=$(t); sleep 2; b=$(t); echo $a $b",
+        ]);
+        let n: Vec<u64> = out
+            .split_whitespace()
+            .map(|w| w.parse().expect("ticks"))
+            .collect();
+        assert_eq!(n.len(), 4, "{out}");
+        let used = (n[2] + n[3]).saturating_sub(n[0] + n[1]);
+        assert!(
+            used <= 50,
+            "the guest agent of {session} used {used}/200 ticks of CPU in two idle seconds"
+        );
+    }
+
     /// The tail of every session's logs in this home, read from disk (for failure messages:
     /// a boot that went wrong says why there).
     pub fn session_logs(&self) -> String {

@@ -227,6 +227,8 @@ fn suspend_saves_ram_and_resume_continues_where_it_stopped() {
         "alive\n"
     );
     assert!(!state.exists(), "the state is consumed by the resume");
+    // The agent saw the suspend's hang-up; it must wait for the next host, not spin.
+    env.assert_agent_idle("nap");
     let after = uptime(&env);
     assert!(after >= before, "uptime reset: {before} -> {after}");
     // Resume of a running session returns at once.
@@ -300,5 +302,6 @@ fn a_resumed_guest_that_missed_the_hang_up_is_recovered() {
         logs.contains("did not greet"),
         "recovery path not taken: {logs}"
     );
+    env.assert_agent_idle("stale");
     env.ok(&["delete", "stale"]);
 }

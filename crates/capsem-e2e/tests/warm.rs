@@ -114,6 +114,8 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_
         );
         assert_eq!(lines[1], hostname);
         draws.push(lines[2].to_string());
+        // The template's agent was saved after a hang-up: it must wait, not spin.
+        env.assert_agent_idle(id);
     }
     assert_eq!(draws[0].len(), 64);
     assert_ne!(

@@ -64,6 +64,9 @@ const RESUME_READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a resumed guest gets to greet before it is hung up on and asked again (one that
 /// missed the suspend's hang-up is still in its old session and never greets by itself).
 const RESUME_GREET_LIMIT: Duration = Duration::from_secs(3);
+/// How long the agent gets to say on the console that it saw the host hang up (it takes
+/// milliseconds on an idle machine).
+const HANGUP_SEEN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Fault injection for tests: suspend without hanging up first, so the saved guest is still
 /// in its old channel session (the race the hang-up wait avoids), and resume must recover.
@@ -249,7 +252,6 @@ where
         cmdline_extra,
     };
     place(&mut spec, &dir);
-    let listener = bind(&spec.channel_socket)?;
     let mut start = match (&spec.incoming, &template) {
         (None, _) => StartKind::Cold,
         (Some(_), Some(_)) => StartKind::Warm,
@@ -261,6 +263,7 @@ where
     // A cold boot that never reaches the handshake (a rare TCG hang) is tried once more.
     let mut cold_retries = 1;
     let (mut vm, channel) = loop {
+        let listener = bind(&spec.channel_socket)?;
         let mut vm = hv.launch(&spec)?;
         tracing::info!(id = %cfg.id, pid = vm.pid, accel = cfg.accel.as_str(), resume = spec.incoming.is_some(), "VM launched");
         let resumer = spec
@@ -272,7 +275,7 @@ where
         // good machine also causes).
         let mut proven_bad = true;
         let outcome = tokio::select! {
-            ch = connect_guest(&listener, spec.incoming.is_some()) => match ch {
+            ch = connect_guest(listener, &spec) => match ch {
                 Ok(ch) => Ok(ch),
                 // A state that fails to load ends QEMU, and with it the channel; one that loads
                 // but whose guest never greets is as bad.
@@ -425,22 +428,61 @@ where
     Ok(())
 }
 
-/// Accept the guest's channel. A resumed guest that does not greet in time is hung up on
-/// (QEMU dials again) so it starts a fresh session, and is waited for once more.
+/// Accept the guest's channel on `listener`, which is closed once the guest is in: after a
+/// later hang-up (a suspend) QEMU then has nothing to dial back into, so the agent sees the
+/// host gone however long it takes to notice. (With the listener open QEMU reconnects within
+/// a second, and an agent slower than that stays in its old session.)
+///
+/// A resumed guest that does not greet in time is hung up on so it starts a fresh session:
+/// the listener is closed until its console says it saw that (or [`HANGUP_SEEN_LIMIT`]), then
+/// opened again for QEMU to dial, and the guest is waited for once more.
 async fn connect_guest(
-    listener: &tokio::net::UnixListener,
-    resumed: bool,
+    listener: tokio::net::UnixListener,
+    spec: &VmSpec,
 ) -> Result<GuestChannel, ChannelError> {
-    if resumed {
-        match GuestChannel::establish(listener, CONNECT_LIMIT, RESUME_GREET_LIMIT).await {
-            Err(e @ (ChannelError::ReadyTimeout(_) | ChannelError::ClosedEarly)) => {
-                tracing::warn!(error = %e, "the resumed guest did not greet; hung up so it starts a fresh session");
-            }
-            other => return other,
-        }
-        return GuestChannel::establish(listener, CONNECT_LIMIT, RESUME_READY_LIMIT).await;
+    if spec.incoming.is_none() {
+        return GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT).await;
     }
-    GuestChannel::establish(listener, CONNECT_LIMIT, READY_LIMIT).await
+    let before = hangups_seen(&spec.serial_log);
+    match GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_GREET_LIMIT).await {
+        Err(e @ (ChannelError::ReadyTimeout(_) | ChannelError::ClosedEarly)) => {
+            tracing::warn!(error = %e, "the resumed guest did not greet; hung up so it starts a fresh session");
+        }
+        other => return other,
+    }
+    drop(listener);
+    let seen = hangup_seen(&spec.serial_log, before, HANGUP_SEEN_LIMIT).await;
+    tracing::debug!(seen, "listening for the resumed guest again");
+    let listener =
+        crate::uds_http::bind_private(&spec.channel_socket).map_err(ChannelError::Accept)?;
+    GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_READY_LIMIT).await
+}
+
+/// How many times the agent has said on the console (`serial`) that the host hung up.
+fn hangups_seen(serial: &std::path::Path) -> usize {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .matches("waiting for the host")
+        .count()
+}
+
+/// Wait up to `limit` for the agent to say it saw one more hang-up than `before`; whether it did.
+async fn hangup_seen(serial: &std::path::Path, before: usize, limit: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        if hangups_seen(serial) > before {
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "the agent saw the hang-up"
+            );
+            return true;
+        }
+        if t.elapsed() >= limit {
+            tracing::warn!(?limit, "the agent did not say it saw the hang-up");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The guest's handshake on `listener`, or the VM's end if QEMU exits first.
@@ -562,6 +604,7 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
         &inst.hangup,
         &inst.dir,
         &inst.dir.join(STATE_DIR).join(STATE_FILE),
+        false,
         || {
             inst.suspending
                 .store(true, std::sync::atomic::Ordering::SeqCst)
@@ -574,37 +617,40 @@ pub(crate) async fn suspend(inst: &Instance) -> Result<u64, String> {
 
 /// Save a running VM whose session files are in `dir` to `state` (RAM and devices, as QEMU's
 /// migration stream): sync the guest, call `hanging_up`, hang up the channel and wait until the
-/// agent is back to waiting for a host (so the restored guest greets a new host at once), pause,
-/// migrate to `state` (written aside, fsynced, renamed). The VM stays paused.
+/// agent is back to waiting for a host (so the restored guest greets a new host at once; with
+/// `must_be_seen`, an agent that does not see it in time fails the save), pause, migrate to
+/// `state` (written aside, fsynced, renamed). The VM stays paused.
+///
+/// Nothing may listen on the VM's channel socket by then (see [`connect_guest`]): QEMU would
+/// dial straight back in, and an agent that missed that moment stays in the old session.
 async fn save_machine(
     guest: &crate::channel::Guest,
     hangup: &std::os::unix::net::UnixStream,
     dir: &std::path::Path,
     state: &std::path::Path,
+    must_be_seen: bool,
     hanging_up: impl FnOnce(),
 ) -> Result<u64, String> {
     guest_sync(guest).await?;
     let serial = dir.join(SERIAL_LOG);
-    let waits = |t: &str| t.matches("waiting for the host").count();
-    let before = waits(&std::fs::read_to_string(&serial).unwrap_or_default());
+    let before = hangups_seen(&serial);
     hanging_up();
     let stale = std::env::var_os(FAULT_STALE_SUSPEND_ENV).is_some();
     if !stale {
         let _ = hangup.shutdown(std::net::Shutdown::Both);
     }
-    // Let the agent see the hang-up before the machine stops (it says so on the console).
-    // (A state saved before it did resumes into a stale session; resume recovers from that
-    // by hanging up again, at the cost of RESUME_GREET_LIMIT.)
-    let end = Instant::now()
-        + if stale {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(10)
-        };
-    while Instant::now() < end
-        && waits(&std::fs::read_to_string(&serial).unwrap_or_default()) <= before
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // Let the agent see the hang-up before the machine stops. (A state saved before it did
+    // resumes into a stale session; resume recovers from that by hanging up again, at the
+    // cost of RESUME_GREET_LIMIT.)
+    let limit = if stale {
+        Duration::ZERO
+    } else {
+        HANGUP_SEEN_LIMIT
+    };
+    if !hangup_seen(&serial, before, limit).await && must_be_seen {
+        return Err(format!(
+            "the guest agent did not see the host hang up within {limit:?}"
+        ));
     }
     let state_dir = state.parent().unwrap_or(dir);
     crate::paths::private_dir(state_dir)
@@ -757,8 +803,9 @@ pub async fn build_template(
             took_ms: 0,
         });
     }
-    let mut last = String::new();
-    for attempt in 1..=TEMPLATE_TRIES {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let staging = crate::warm::staging_dir(&assets, &key)
             .map_err(|e| InstanceError::Template(crate::error_chain(&e)))?;
         match make_template(hv.as_ref(), &assets, &staging, ram_mb, cpus, &extra).await {
@@ -786,13 +833,14 @@ pub async fn build_template(
                 });
             }
             Err(e) => {
-                last = crate::error_chain(&e);
-                tracing::warn!(attempt, error = %last, "template build failed");
+                tracing::warn!(attempt, error = %crate::error_chain(&e), "template build failed");
                 let _ = std::fs::remove_dir_all(&staging);
+                if attempt == TEMPLATE_TRIES {
+                    return Err(e);
+                }
             }
         }
     }
-    Err(InstanceError::Template(last))
 }
 
 /// One template build in `staging`; returns the saved state's size.
@@ -815,6 +863,8 @@ async fn make_template(
     let listener = bind(&spec.channel_socket)?;
     let mut vm = hv.launch(&spec)?;
     let channel = handshake_or_exit(&listener, &mut vm, READY_LIMIT).await?;
+    // Closed before the save hangs up, so QEMU cannot dial back in (see `save_machine`).
+    drop(listener);
     let guest = channel.handle();
     let mut inbound = channel.inbound;
     tokio::spawn(async move { while inbound.recv().await.is_some() {} });
@@ -822,7 +872,7 @@ async fn make_template(
     // squashfs, and copying up what `TrustCa` writes.
     warm_up(&guest, TEMPLATE_PREPARE).await?;
     let state = staging.join(crate::warm::STATE_FILE);
-    let saved = save_machine(&guest, &channel.hangup, staging, &state, || {}).await;
+    let saved = save_machine(&guest, &channel.hangup, staging, &state, true, || {}).await;
     let _ = vm.child.kill().await;
     let bytes = saved.map_err(InstanceError::Template)?;
     verify_template(hv, &spec, staging, &state).await?;
@@ -854,7 +904,8 @@ async fn verify_template(
     let mut vm = hv.launch(&spec)?;
     let resumer = tokio::spawn(continue_after_load(spec.control_socket.clone()));
     let checked = async {
-        let ch = handshake_or_exit(&listener, &mut vm, RESUME_GREET_LIMIT)
+        let t = Instant::now();
+        let ch = handshake_or_exit(&listener, &mut vm, RESUME_READY_LIMIT)
             .await
             .map_err(|e| {
                 InstanceError::Template(format!(
@@ -862,6 +913,10 @@ async fn verify_template(
                     crate::error_chain(&e)
                 ))
             })?;
+        tracing::debug!(
+            ms = t.elapsed().as_millis() as u64,
+            "restored template greeted"
+        );
         take_identity(&ch.handle(), "capsem").await?;
         warm_up(&ch.handle(), "true").await
     }

@@ -392,11 +392,18 @@ impl Service {
         spawn::warm(self.home(), accel, ram_mb, cpus, WARM_LIMIT)
             .await
             .map_err(|e| {
+                // capsem-process's own report already says what failed.
+                let why = match e {
+                    spawn::SpawnError::Failed(why) => why,
+                    other => format!(
+                        "building the warm-start template failed: {}",
+                        crate::error_chain(&other)
+                    ),
+                };
                 HttpError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!(
-                        "building the warm-start template failed: {}; sessions still boot cold (see {})",
-                        crate::error_chain(&e),
+                        "{why}; sessions still boot cold (see {})",
                         self.home().run_dir().join("warm.log").display()
                     ),
                 )
