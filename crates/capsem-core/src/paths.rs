@@ -157,6 +157,14 @@ fn absolute(p: &Path) -> io::Result<PathBuf> {
     }
 }
 
+/// Last `n` non-empty lines of a text file, joined with " | " (for one-line error messages);
+/// empty when the file cannot be read.
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

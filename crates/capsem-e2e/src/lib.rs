@@ -188,21 +188,28 @@ impl Env {
         );
     }
 
-    /// The tail of every session's logs in this home, read from disk (for failure messages:
-    /// a boot that went wrong says why there).
+    /// The tail of every session's logs in this home, and of the warm-start builds' log, read
+    /// from disk (for failure messages: a boot that went wrong says why there).
     pub fn session_logs(&self) -> String {
+        let tail = |path: &Path, name: &str| {
+            let body = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = body.lines().collect();
+            format!(
+                "==> {name} <==\n{}\n",
+                lines[lines.len().saturating_sub(25)..].join("\n")
+            )
+        };
         let mut text = String::new();
         let dirs = std::fs::read_dir(self.path().join("sessions"));
         for d in dirs.into_iter().flatten().flatten() {
             for f in ["serial.log", "process.log"] {
-                let body = std::fs::read_to_string(d.path().join(f)).unwrap_or_default();
-                let lines: Vec<&str> = body.lines().collect();
-                text.push_str(&format!(
-                    "==> {}/{f} <==\n{}\n",
-                    d.file_name().to_string_lossy(),
-                    lines[lines.len().saturating_sub(25)..].join("\n")
-                ));
+                let name = format!("{}/{f}", d.file_name().to_string_lossy());
+                text.push_str(&tail(&d.path().join(f), &name));
             }
+        }
+        let warm = self.path().join("run/warm.log");
+        if warm.is_file() {
+            text.push_str(&tail(&warm, "run/warm.log"));
         }
         text
     }

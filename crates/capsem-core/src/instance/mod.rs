@@ -779,6 +779,8 @@ pub(crate) async fn freeze(inst: &Instance) -> Result<u32, String> {
 
 /// How many times a template build is tried before giving up.
 const TEMPLATE_TRIES: u32 = 2;
+/// Where in a template's staging directory its verify restore runs.
+const VERIFY_DIR: &str = "verify";
 
 /// Build the warm-start template for `ram_mb` × `cpus` (see [`crate::warm`]) unless there is
 /// one: boot a guest cold with no session identity, run one command so the shell and libc are
@@ -833,7 +835,10 @@ pub async fn build_template(
                 });
             }
             Err(e) => {
-                tracing::warn!(attempt, error = %crate::error_chain(&e), "template build failed");
+                // The guests' consoles go with the staging directory: say how they ended.
+                let console = crate::paths::tail_of(&staging.join(SERIAL_LOG), 3);
+                let verify = crate::paths::tail_of(&staging.join(VERIFY_DIR).join(SERIAL_LOG), 3);
+                tracing::warn!(attempt, error = %crate::error_chain(&e), %console, %verify, "template build failed");
                 let _ = std::fs::remove_dir_all(&staging);
                 if attempt == TEMPLATE_TRIES {
                     return Err(e);
@@ -889,7 +894,7 @@ async fn verify_template(
     staging: &std::path::Path,
     state: &std::path::Path,
 ) -> Result<(), InstanceError> {
-    let scratch = staging.join("verify");
+    let scratch = staging.join(VERIFY_DIR);
     crate::paths::private_dir(&scratch).map_err(|source| InstanceError::Bind {
         path: scratch.clone(),
         source,

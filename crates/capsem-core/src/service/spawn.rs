@@ -3,7 +3,7 @@
 //! JSON line ([`ReadyLine`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -129,7 +129,7 @@ pub async fn start(
                 .unwrap_or_default();
             Err(SpawnError::Died(format!(
                 "{status}; {}",
-                tail_of(&dir.join("process.log"), 3)
+                crate::paths::tail_of(&dir.join("process.log"), 3)
             )))
         }
     }
@@ -167,7 +167,7 @@ pub async fn warm(
     let why = serde_json::from_str::<serde_json::Value>(line.trim())
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{}; {}", out.status, tail_of(&log_path, 3)));
+        .unwrap_or_else(|| format!("{}; {}", out.status, crate::paths::tail_of(&log_path, 3)));
     Err(SpawnError::Failed(why))
 }
 
@@ -179,11 +179,4 @@ async fn read_line(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
         .read_until(b'\n', &mut line)
         .await?;
     Ok(line)
-}
-
-/// Last `n` lines of a text file, joined with " | " (for one-line error messages).
-pub fn tail_of(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
