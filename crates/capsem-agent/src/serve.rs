@@ -34,8 +34,6 @@ pub enum Mode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("waiting for the host end of the channel failed")]
-    Wait(#[source] std::io::Error),
     #[error("opening the lifecycle stream failed")]
     Lifecycle(#[source] MuxError),
     #[error("the lifecycle handshake failed")]
@@ -46,8 +44,6 @@ pub enum ServeError {
     Channel(#[from] channel::ChannelError),
     #[error("starting the runtime failed")]
     Runtime(#[source] std::io::Error),
-    #[error("registering the channel with the runtime failed")]
-    Register(#[source] std::io::Error),
 }
 
 /// Find and open the channel, build the runtime and [`run`] on it. Blocks.
@@ -96,9 +92,21 @@ pub async fn run(port: OwnedFd, mut boot: BootTiming, mode: Mode) -> Result<(), 
         crate::net::start(link.clone());
     }
     loop {
-        channel::wait_host(&port).await.map_err(ServeError::Wait)?;
+        // Failing to wait or to register (out of descriptors, say) is worth a retry, not the
+        // VM: the agent returning powers it off.
+        let stream = match channel::wait_host(&port).await {
+            Ok(()) => channel::session_stream(&port),
+            Err(e) => Err(e),
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                console::line(&format!("waiting for the host failed: {e}; trying again"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         console::trace(|| "host connected".into());
-        let stream = channel::session_stream(&port).map_err(ServeError::Register)?;
         if first {
             boot.ready_ms = clock::uptime_ms();
         }

@@ -63,6 +63,18 @@ impl GuestChannel {
         connect_limit: Duration,
         ready_limit: Duration,
     ) -> Result<Self, ChannelError> {
+        Self::establish_from(listener, connect_limit, ready_limit, std::future::ready(())).await
+    }
+
+    /// [`establish`](Self::establish), with `ready_limit` counted from when `running` resolves
+    /// rather than from the connection (a restored VM connects its channel before its saved
+    /// state has even loaded).
+    pub async fn establish_from(
+        listener: &UnixListener,
+        connect_limit: Duration,
+        ready_limit: Duration,
+        running: impl std::future::Future<Output = ()>,
+    ) -> Result<Self, ChannelError> {
         let (io, _) = tokio::time::timeout(connect_limit, listener.accept())
             .await
             .map_err(|_| ChannelError::ConnectTimeout(connect_limit))?
@@ -78,7 +90,7 @@ impl GuestChannel {
         let io = tokio::net::UnixStream::from_std(raw.0).map_err(ChannelError::Accept)?;
         let hangup = raw.1;
         let (handle, mut inbound, mut closed) = Mux::start(io, Side::Host);
-        let handshake = Self::handshake(&mut inbound, &mut closed, ready_limit).await;
+        let handshake = Self::handshake(&mut inbound, &mut closed, ready_limit, running).await;
         let ready = match handshake {
             Ok(r) => r,
             Err(e) => {
@@ -101,15 +113,20 @@ impl GuestChannel {
         inbound: &mut mpsc::Receiver<yamux::Stream>,
         closed: &mut oneshot::Receiver<()>,
         ready_limit: Duration,
+        running: impl std::future::Future<Output = ()>,
     ) -> Result<GuestReady, ChannelError> {
-        let deadline = Instant::now() + ready_limit;
+        let expired = async move {
+            running.await;
+            tokio::time::sleep(ready_limit).await
+        };
+        tokio::pin!(expired);
         loop {
             let stream = tokio::select! {
-                s = tokio::time::timeout_at(deadline.into(), inbound.recv()) => match s {
-                    Err(_) => return Err(ChannelError::ReadyTimeout(ready_limit)),
-                    Ok(None) => return Err(ChannelError::ClosedEarly),
-                    Ok(Some(s)) => s,
+                s = inbound.recv() => match s {
+                    None => return Err(ChannelError::ClosedEarly),
+                    Some(s) => s,
                 },
+                _ = &mut expired => return Err(ChannelError::ReadyTimeout(ready_limit)),
                 _ = &mut *closed => return Err(ChannelError::ClosedEarly),
             };
             let mut inb = mux::accept(stream).await?;

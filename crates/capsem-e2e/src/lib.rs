@@ -169,12 +169,13 @@ impl Env {
     /// The guest agent of `session` must be idle while the guest is: it may use no more than a
     /// quarter of a CPU over two quiet seconds. (An agent that busy-waits on its channel, as
     /// one did after every host hang-up, uses all of one.) The agent is the exec'd shell's
-    /// parent; its CPU time is fields 14 and 15 of its `/proc/PID/stat`, in 1/100 s.
+    /// parent; its CPU time is fields 14 and 15 of its `/proc/PID/stat` (12 and 13 after the
+    /// name's closing parenthesis), in 1/100 s.
     pub fn assert_agent_idle(&self, session: &str) {
         let out = self.ok(&[
             "exec",
             session,
-            "t() { cut -d' ' -f14,15 /proc/$PPID/stat; }; a=$(t); sleep 2; b=$(t); echo $a $b",
+            "t() { sed 's/.*) //' /proc/$PPID/stat | cut -d' ' -f12,13; }; a=$(t); sleep 2; b=$(t); echo $a $b",
         ]);
         let n: Vec<u64> = out
             .split_whitespace()

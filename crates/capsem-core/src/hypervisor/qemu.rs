@@ -71,8 +71,9 @@ impl Qemu {
             // Two ports' worth of queues instead of 64: virtio_console probes faster.
             "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
-            // reconnect: after a hang-up QEMU dials again, so a resumed guest that missed the
-            // suspend's hang-up can be hung up on and start a fresh session.
+            // reconnect: after a hang-up QEMU dials again (once the host listens again), so a
+            // resumed guest that missed the suspend's hang-up can be hung up on and start a
+            // fresh session.
             format!(
                 "socket,id=channel0,path={},reconnect=1",
                 p(&spec.channel_socket)

@@ -64,9 +64,12 @@ const RESUME_READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a resumed guest gets to greet before it is hung up on and asked again (one that
 /// missed the suspend's hang-up is still in its old session and never greets by itself).
 const RESUME_GREET_LIMIT: Duration = Duration::from_secs(3);
-/// How long the agent gets to say on the console that it saw the host hang up (it takes
-/// milliseconds on an idle machine).
+/// How long the agent gets to say on the console that it saw the host hang up before a save
+/// (it takes milliseconds on an idle machine).
 const HANGUP_SEEN_LIMIT: Duration = Duration::from_secs(10);
+/// The same, for a resumed guest hung up on for not greeting: one that never started a session
+/// says nothing, so this is what such a guest costs before QEMU may redial.
+const RESUME_HANGUP_SEEN_LIMIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: suspend without hanging up first, so the saved guest is still
 /// in its old channel session (the race the hang-up wait avoids), and resume must recover.
@@ -266,16 +269,17 @@ where
         let listener = bind(&spec.channel_socket)?;
         let mut vm = hv.launch(&spec)?;
         tracing::info!(id = %cfg.id, pid = vm.pid, accel = cfg.accel.as_str(), resume = spec.incoming.is_some(), "VM launched");
+        let (running_tx, running) = tokio::sync::oneshot::channel();
         let resumer = spec
             .incoming
             .as_ref()
-            .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone())));
+            .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone(), running_tx)));
         // Whether a failure proves the saved machine bad (QEMU ended, or the guest refused its
         // identity) rather than only slow (no greeting in time, which a rare TCG hang of a
         // good machine also causes).
         let mut proven_bad = true;
         let outcome = tokio::select! {
-            ch = connect_guest(listener, &spec) => match ch {
+            ch = connect_guest(listener, &spec, running) => match ch {
                 Ok(ch) => Ok(ch),
                 // A state that fails to load ends QEMU, and with it the channel; one that loads
                 // but whose guest never greets is as bad.
@@ -433,36 +437,45 @@ where
 /// host gone however long it takes to notice. (With the listener open QEMU reconnects within
 /// a second, and an agent slower than that stays in its old session.)
 ///
-/// A resumed guest that does not greet in time is hung up on so it starts a fresh session:
-/// the listener is closed until its console says it saw that (or [`HANGUP_SEEN_LIMIT`]), then
-/// opened again for QEMU to dial, and the guest is waited for once more.
+/// A resumed guest that does not greet within [`RESUME_GREET_LIMIT`] of running again
+/// (`running` resolves when it does) is hung up on so it starts a fresh session: the listener
+/// is closed until its console says it saw that (or [`RESUME_HANGUP_SEEN_LIMIT`]), then opened
+/// again for QEMU to redial, and the guest is waited for once more.
 async fn connect_guest(
     listener: tokio::net::UnixListener,
     spec: &VmSpec,
+    running: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<GuestChannel, ChannelError> {
     if spec.incoming.is_none() {
         return GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT).await;
     }
     let before = hangups_seen(&spec.serial_log);
-    match GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_GREET_LIMIT).await {
+    let running = async {
+        let _ = running.await;
+    };
+    match GuestChannel::establish_from(&listener, CONNECT_LIMIT, RESUME_GREET_LIMIT, running).await
+    {
         Err(e @ (ChannelError::ReadyTimeout(_) | ChannelError::ClosedEarly)) => {
             tracing::warn!(error = %e, "the resumed guest did not greet; hung up so it starts a fresh session");
         }
         other => return other,
     }
     drop(listener);
-    let seen = hangup_seen(&spec.serial_log, before, HANGUP_SEEN_LIMIT).await;
+    let seen = hangup_seen(&spec.serial_log, before, RESUME_HANGUP_SEEN_LIMIT).await;
     tracing::debug!(seen, "listening for the resumed guest again");
     let listener =
         crate::uds_http::bind_private(&spec.channel_socket).map_err(ChannelError::Accept)?;
     GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_READY_LIMIT).await
 }
 
-/// How many times the agent has said on the console (`serial`) that the host hung up.
+/// How many times the agent has said on the console (`serial`) that the host hung up. (The
+/// console is bytes: a kernel line need not be UTF-8.)
 fn hangups_seen(serial: &std::path::Path) -> usize {
-    std::fs::read_to_string(serial)
+    const SAID: &[u8] = b"waiting for the host";
+    std::fs::read(serial)
         .unwrap_or_default()
-        .matches("waiting for the host")
+        .windows(SAID.len())
+        .filter(|w| *w == SAID)
         .count()
 }
 
@@ -570,8 +583,9 @@ fn serve_guest_streams(
     });
 }
 
-/// Once QEMU has loaded a saved state it waits, paused: tell it to continue.
-async fn continue_after_load(control: PathBuf) {
+/// Once QEMU has loaded a saved state it waits, paused: tell it to continue, and say so on
+/// `running` (dropped unsent if QEMU cannot be reached).
+async fn continue_after_load(control: PathBuf, running: tokio::sync::oneshot::Sender<()>) {
     use crate::hypervisor::qmp::Qmp;
     let Ok(mut q) = Qmp::connect(&control, CONNECT_LIMIT).await else {
         return;
@@ -581,12 +595,16 @@ async fn continue_after_load(control: PathBuf) {
     while Instant::now() < end {
         match q.status().await.as_deref() {
             Ok("inmigrate") => tokio::time::sleep(Duration::from_millis(10)).await,
-            Ok("running") => return,
+            Ok("running") => {
+                let _ = running.send(());
+                return;
+            }
             Ok(_) => {
                 tracing::debug!(ms = t.elapsed().as_millis() as u64, "saved state loaded");
                 if let Err(e) = q.execute("cont", serde_json::Value::Null).await {
                     tracing::warn!(error = %e, "could not continue the resumed VM");
                 }
+                let _ = running.send(());
                 return;
             }
             Err(_) => return,
@@ -641,7 +659,7 @@ async fn save_machine(
     }
     // Let the agent see the hang-up before the machine stops. (A state saved before it did
     // resumes into a stale session; resume recovers from that by hanging up again, at the
-    // cost of RESUME_GREET_LIMIT.)
+    // cost of RESUME_GREET_LIMIT and QEMU's redial, see `connect_guest`.)
     let limit = if stale {
         Duration::ZERO
     } else {
@@ -841,7 +859,10 @@ pub async fn build_template(
                 tracing::warn!(attempt, error = %crate::error_chain(&e), %console, %verify, "template build failed");
                 let _ = std::fs::remove_dir_all(&staging);
                 if attempt == TEMPLATE_TRIES {
-                    return Err(e);
+                    return Err(match e {
+                        InstanceError::Template(_) => e,
+                        other => InstanceError::Template(crate::error_chain(&other)),
+                    });
                 }
             }
         }
@@ -907,7 +928,10 @@ async fn verify_template(
     spec.incoming = Some(state.to_path_buf());
     let listener = bind(&spec.channel_socket)?;
     let mut vm = hv.launch(&spec)?;
-    let resumer = tokio::spawn(continue_after_load(spec.control_socket.clone()));
+    let resumer = tokio::spawn(continue_after_load(
+        spec.control_socket.clone(),
+        tokio::sync::oneshot::channel().0,
+    ));
     let checked = async {
         let t = Instant::now();
         let ch = handshake_or_exit(&listener, &mut vm, RESUME_READY_LIMIT)

@@ -167,7 +167,13 @@ pub async fn warm(
     let why = serde_json::from_str::<serde_json::Value>(line.trim())
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{}; {}", out.status, crate::paths::tail_of(&log_path, 3)));
+        .unwrap_or_else(|| {
+            format!(
+                "building the warm-start template failed: capsem-process {}; {}",
+                out.status,
+                crate::paths::tail_of(&log_path, 3)
+            )
+        });
     Err(SpawnError::Failed(why))
 }
 
