@@ -43,7 +43,7 @@ impl ImageRecord {
 /// Whether an image named `name` exists (never for a string that is not a valid name, so no
 /// lookup leaves `images/`).
 pub fn exists(home: &Home, name: &str) -> bool {
-    crate::names::validate_name(name).is_ok()
+    crate::names::validate_image_name(name).is_ok()
         && home.image_dir(name).join(ImageRecord::FILE).is_file()
 }
 

@@ -4,10 +4,10 @@ use rand::Rng;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum NameError {
-    #[error("invalid session name {0:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
-    Invalid(String),
-    #[error("invalid session name {0:?}: it looks like a session id; pick a name that is not 12 hex digits")]
-    LooksLikeId(String),
+    #[error("invalid {kind} name {name:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    Invalid { kind: &'static str, name: String },
+    #[error("invalid {kind} name {name:?}: it looks like a session id; pick a name that is not 12 hex digits")]
+    LooksLikeId { kind: &'static str, name: String },
 }
 
 /// A fresh 12-hex-digit id.
@@ -22,7 +22,17 @@ pub fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// A session's name: see [`NameError`] for the rules.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
+    validate("session", name)
+}
+
+/// An image's name: the same rules as a session's (`create --from` takes either).
+pub fn validate_image_name(name: &str) -> Result<(), NameError> {
+    validate("image", name)
+}
+
+fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.as_bytes()[0].is_ascii_alphanumeric()
@@ -30,10 +40,16 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !ok {
-        return Err(NameError::Invalid(name.to_string()));
+        return Err(NameError::Invalid {
+            kind,
+            name: name.to_string(),
+        });
     }
     if is_id(name) {
-        return Err(NameError::LooksLikeId(name.to_string()));
+        return Err(NameError::LooksLikeId {
+            kind,
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -90,8 +106,12 @@ mod tests {
         }
         assert!(matches!(
             validate_name("0123456789ab"),
-            Err(NameError::LooksLikeId(_))
+            Err(NameError::LooksLikeId { .. })
         ));
+        assert!(validate_image_name("a b")
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid image name"));
     }
 
     #[test]

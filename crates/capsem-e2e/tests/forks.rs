@@ -245,7 +245,7 @@ fn lasting_session_verbs_answer_bad_input_with_one_line_and_the_right_status() {
     assert_one_clear_line(&env.capsem(&["fork", "base", "base"]), "already exists");
     assert_one_clear_line(
         &env.capsem(&["fork", "base", "bad name!"]),
-        "invalid session name",
+        "invalid image name",
     );
     assert_eq!(
         env.http("POST", "/vms/base/fork", r#"{"name":"snap"}"#).0,

@@ -207,7 +207,7 @@ impl Service {
         description: Option<String>,
     ) -> Result<ImageInfo, HttpError> {
         let started = std::time::Instant::now();
-        crate::names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
+        crate::names::validate_image_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
         let id = self.resolve(query).await?;
         let taken = |what: &str| {
             HttpError::new(
@@ -282,7 +282,7 @@ impl Service {
     /// Remove image `name`. Refused while sessions made from it exist, unless `force`: their
     /// disks hold their own links to its layers, so they keep working either way.
     pub async fn delete_image(&self, name: &str, force: bool) -> Result<ImageInfo, HttpError> {
-        crate::names::validate_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
+        crate::names::validate_image_name(name).map_err(|e| HttpError::bad(e.to_string()))?;
         if !forks::exists(self.home(), name) {
             return Err(HttpError::new(
                 StatusCode::NOT_FOUND,
