@@ -1,12 +1,12 @@
 //! A non-blocking file descriptor as tokio `AsyncRead + AsyncWrite` through `AsyncFd`: the
 //! virtio-serial port (one descriptor for both directions; the port cannot be opened twice)
 //! and PTY masters. Clones share the descriptor, so one task may read while another writes.
+//! [`Coalesce`] gathers the channel's small writes into one `write(2)` per flush.
 //!
 //! tokio keeps a hang-up (`POLLHUP`) as a final state of a registration: from then on it always
 //! reports the descriptor ready. So once the other end has hung up, a read that would block is
 //! the end of the stream and a write that would block is a broken pipe, instead of a retry loop
 //! that never sleeps. (A channel stream is registered anew for each host session.)
-//! [`Coalesce`] gathers the channel's small writes into one `write(2)` per flush.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -45,10 +45,6 @@ impl FdStream {
 
     pub fn raw(&self) -> RawFd {
         self.fd.get_ref().as_raw_fd()
-    }
-
-    pub fn async_fd(&self) -> &AsyncFd<OwnedFd> {
-        &self.fd
     }
 }
 

@@ -11,6 +11,7 @@
 //! Power is only touched in [`Mode::Vm`]; [`Mode::Standalone`] (tests, manual runs) never powers
 //! anything off.
 
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use capsem_proto::frame::{self, FrameError};
@@ -20,8 +21,6 @@ use capsem_proto::{port, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::control::{self, Outcome};
-use std::os::fd::OwnedFd;
-
 use crate::fdio::Coalesce;
 use crate::{channel, clock, console, exec, power, terminal};
 
@@ -83,7 +82,7 @@ pub fn kernel_release() -> String {
 }
 
 /// Serve the host over the channel port for as long as the VM runs: one mux session per
-/// host connection. Returns only on a refusal (standalone) or an I/O error.
+/// host connection. Returns only when the host refuses the agent.
 pub async fn run(port: OwnedFd, mut boot: BootTiming, mode: Mode) -> Result<(), ServeError> {
     let release = kernel_release();
     let mut first = true;
@@ -94,10 +93,9 @@ pub async fn run(port: OwnedFd, mut boot: BootTiming, mode: Mode) -> Result<(), 
     loop {
         // Failing to wait or to register (out of descriptors, say) is worth a retry, not the
         // VM: the agent returning powers it off.
-        let stream = match channel::wait_host(&port).await {
-            Ok(()) => channel::session_stream(&port),
-            Err(e) => Err(e),
-        };
+        let stream = channel::wait_host(&port)
+            .await
+            .and_then(|()| channel::session_stream(&port));
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
