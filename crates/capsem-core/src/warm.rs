@@ -143,13 +143,15 @@ pub fn key(
 pub fn find(assets: &Assets, key: &str) -> Option<Template> {
     let dir = root(assets).join(key);
     let meta = read_meta(&dir)?;
-    let complete = dir.join(STATE_FILE).is_file()
-        && dir.join(crate::disk::FIRST).is_file()
-        && meta.base.is_file();
-    complete.then_some(Template {
+    is_usable(&dir, &meta).then_some(Template {
         dir,
         build: meta.build,
     })
+}
+
+/// Whether the template in `dir`, described by `meta`, has its files and its base.
+fn is_usable(dir: &Path, meta: &TemplateMeta) -> bool {
+    dir.join(STATE_FILE).is_file() && dir.join(crate::disk::FIRST).is_file() && meta.base.is_file()
 }
 
 fn read_meta(dir: &Path) -> Option<TemplateMeta> {
@@ -160,7 +162,7 @@ fn read_meta(dir: &Path) -> Option<TemplateMeta> {
 pub fn usable(assets: &Assets) -> Vec<TemplateMeta> {
     list(assets)
         .into_iter()
-        .filter(|(_, m)| find(assets, &m.key).is_some())
+        .filter(|(t, m)| is_usable(&t.dir, m))
         .map(|(_, m)| m)
         .collect()
 }

@@ -498,14 +498,16 @@ async fn hangup_seen(serial: &std::path::Path, before: usize, limit: Duration) -
     }
 }
 
-/// The guest's handshake on `listener`, or the VM's end if QEMU exits first.
+/// The guest's handshake on `listener` within `ready_limit` of `running`, or the VM's end if
+/// QEMU exits first.
 async fn handshake_or_exit(
     listener: &tokio::net::UnixListener,
     vm: &mut hypervisor::RunningVm,
     ready_limit: Duration,
+    running: impl std::future::Future<Output = ()>,
 ) -> Result<GuestChannel, InstanceError> {
     tokio::select! {
-        ch = GuestChannel::establish(listener, CONNECT_LIMIT, ready_limit) => Ok(ch?),
+        ch = GuestChannel::establish_from(listener, CONNECT_LIMIT, ready_limit, running) => Ok(ch?),
         status = vm.child.wait() => Err(InstanceError::VmExited(exit_text(status))),
     }
 }
@@ -732,17 +734,25 @@ async fn paused(dir: &std::path::Path) -> Result<crate::hypervisor::qmp::Qmp, St
     Ok(q)
 }
 
-/// Flush the guest's page cache to its disk (so a pause or copy sees what programs wrote).
-async fn guest_sync(guest: &crate::channel::Guest) -> Result<(), String> {
+/// Run `command` (a shell string, no session env) in the guest for capsem's own housekeeping;
+/// its exit status, or why it did not run.
+async fn run_in_guest(
+    guest: &crate::channel::Guest,
+    command: &str,
+) -> Result<capsem_proto::ExitStatus, ChannelError> {
     let job = capsem_proto::exec::ExecRequest {
-        command: capsem_proto::exec::Command::Shell("sync".into()),
+        command: capsem_proto::exec::Command::Shell(command.into()),
         env: vec![],
         cwd: None,
         stdin: false,
         timeout_ms: Some(30_000),
     };
-    guest
-        .exec(&job)
+    Ok(guest.exec(&job).await?.exit.status)
+}
+
+/// Flush the guest's page cache to its disk (so a pause or copy sees what programs wrote).
+async fn guest_sync(guest: &crate::channel::Guest) -> Result<(), String> {
+    run_in_guest(guest, "sync")
         .await
         .map(drop)
         .map_err(|e| format!("syncing the guest failed: {e}"))
@@ -888,7 +898,8 @@ async fn make_template(
     place(&mut spec, staging);
     let listener = bind(&spec.channel_socket)?;
     let mut vm = hv.launch(&spec)?;
-    let channel = handshake_or_exit(&listener, &mut vm, READY_LIMIT).await?;
+    let channel =
+        handshake_or_exit(&listener, &mut vm, READY_LIMIT, std::future::ready(())).await?;
     // Closed before the save hangs up, so QEMU cannot dial back in (see `save_machine`).
     drop(listener);
     let guest = channel.handle();
@@ -928,13 +939,14 @@ async fn verify_template(
     spec.incoming = Some(state.to_path_buf());
     let listener = bind(&spec.channel_socket)?;
     let mut vm = hv.launch(&spec)?;
-    let resumer = tokio::spawn(continue_after_load(
-        spec.control_socket.clone(),
-        tokio::sync::oneshot::channel().0,
-    ));
+    let (running_tx, running) = tokio::sync::oneshot::channel();
+    let resumer = tokio::spawn(continue_after_load(spec.control_socket.clone(), running_tx));
     let checked = async {
         let t = Instant::now();
-        let ch = handshake_or_exit(&listener, &mut vm, RESUME_READY_LIMIT)
+        let running = async {
+            let _ = running.await;
+        };
+        let ch = handshake_or_exit(&listener, &mut vm, RESUME_READY_LIMIT, running)
             .await
             .map_err(|e| {
                 InstanceError::Template(format!(
@@ -965,15 +977,7 @@ const TEMPLATE_PREPARE: &str = "true && : >> /etc/ssl/certs/ca-certificates.crt 
 
 /// Run `command` in the guest; it must succeed.
 async fn warm_up(guest: &crate::channel::Guest, command: &str) -> Result<(), InstanceError> {
-    let job = capsem_proto::exec::ExecRequest {
-        command: capsem_proto::exec::Command::Shell(command.into()),
-        env: vec![],
-        cwd: None,
-        stdin: false,
-        timeout_ms: Some(30_000),
-    };
-    let out = guest.exec(&job).await?;
-    match out.exit.status {
+    match run_in_guest(guest, command).await? {
         capsem_proto::ExitStatus::Code(0) => Ok(()),
         other => Err(InstanceError::Template(format!(
             "`{command}` in the guest ended with {other:?}"
