@@ -17,6 +17,13 @@ last=$(CAPSEM_HOME="$CAPSEM_E2E_HOME" bash "$ROOT/scripts/setup.sh" | tail -n 1)
     || die "scripts/setup.sh failed"
 [ "$last" = "2" ] || die "scripts/setup.sh should end by printing 2, printed: $last"
 echo "    printed $last from inside a VM"
+# `capsem setup` ends by saving the default size's warm-start template; the e2e tests (and
+# every user's first `capsem run`) start from it.
+CAPSEM_HOME="$CAPSEM_E2E_HOME" "$ROOT/target/release/capsem" status | grep -q "^  warm .*restored" || {
+    tail -n 40 "$CAPSEM_E2E_HOME/run/warm.log" "$CAPSEM_E2E_HOME"/assets/v*/warm/discarded.log 2>/dev/null
+    die "capsem setup left no warm-start template (its build log and any discards are above)"
+}
+echo "    the default warm-start template is ready"
 CAPSEM_HOME="$CAPSEM_E2E_HOME" "$ROOT/target/release/capsem" stop >/dev/null || true
 echo "==> cargo test"
 cargo test --release --workspace --locked --no-fail-fast -- --test-threads=2

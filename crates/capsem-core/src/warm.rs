@@ -8,6 +8,7 @@
 //!     warm.json        what the template was made from (key, build id, RAM, CPUs, assets, base)
 //!     disk.qcow2       the guest's disk at the save (over the empty ext4 base, by its real path)
 //!     vm.state         RAM and device state, as QEMU's migration stream
+//! <assets>/v<version>/warm/discarded.log   templates taken out of use: when, which, why
 //! ```
 //!
 //! A session restored from a template hard-links the template's `disk.qcow2` (as its layer 0)
@@ -33,6 +34,8 @@ use crate::image::Assets;
 pub const WARM_ENV: &str = "CAPSEM_WARM";
 /// The template's description file.
 pub const META_FILE: &str = "warm.json";
+/// The log of discarded templates, in the templates' root (see [`discard`]).
+const DISCARD_LOG: &str = "discarded.log";
 /// The template's saved machine.
 pub const STATE_FILE: &str = "vm.state";
 
@@ -251,13 +254,38 @@ pub fn drop_taken(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(TAKEN_STATE));
 }
 
-/// Take a template out of use (its saved machine did not load): later sessions boot cold until
-/// one is built again. Sessions already restored from it keep their own links. A directory
-/// that is no longer the one `t` was found as (a newer build took its place) is left alone.
-pub fn discard(t: &Template) {
+/// Take a template out of use (its saved machine did not load, or a newer one replaces it):
+/// later sessions boot cold until one is built again. Sessions already restored from it keep
+/// their own links. A directory that is no longer the one `t` was found as (a newer build took
+/// its place) is left alone. Each removal is noted, with `why`, in [`discard_log`], so that
+/// "why do my sessions boot cold" has an answer.
+pub fn discard(t: &Template, why: &str) {
     if read_meta(&t.dir).is_some_and(|m| m.build == t.build) {
         remove_aside(&t.dir);
+        let key = t.dir.file_name().unwrap_or_default().to_string_lossy();
+        let line = format!(
+            "{} {key} ({}): {}\n",
+            crate::image::rfc3339_utc(std::time::SystemTime::now()),
+            t.build,
+            why.replace('\n', " ")
+        );
+        let log = discard_log(&t.dir);
+        if let Err(e) = crate::paths::private_log(&log).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(line.as_bytes())
+        }) {
+            tracing::warn!(log = %log.display(), error = %e, "cannot note a discarded template");
+        }
     }
+}
+
+/// The log of discarded templates, beside the templates of `dir`'s root (one line each: when,
+/// key, build id, why).
+pub fn discard_log(template_dir: &Path) -> PathBuf {
+    template_dir
+        .parent()
+        .unwrap_or(template_dir)
+        .join(DISCARD_LOG)
 }
 
 /// Rename `dir` aside (atomic for its readers), then remove it.
@@ -308,8 +336,10 @@ pub fn publish(
 fn sweep(assets: &Assets, current: &TemplateMeta) {
     for (t, meta) in list(assets) {
         let same_size = (meta.ram_mb, meta.cpus) == (current.ram_mb, current.cpus);
-        if meta.assets != current.assets || (same_size && meta.key != current.key) {
-            discard(&t);
+        if meta.assets != current.assets {
+            discard(&t, "made from other guest assets");
+        } else if same_size && meta.key != current.key {
+            discard(&t, &format!("replaced by {}", current.key));
         }
     }
     sweep_leftovers(assets);
@@ -490,8 +520,13 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&taken.state).unwrap(), "ram");
         assert_eq!(crate::disk::top(&session).unwrap(), Some(1));
         // The session keeps its disk and state when the template goes.
-        discard(&t);
+        discard(&t, "a test");
         assert!(find(&a, "k1").is_none());
+        let log = std::fs::read_to_string(root(&a).join(DISCARD_LOG)).unwrap();
+        assert!(
+            log.contains(" k1 (") && log.ends_with(": a test\n"),
+            "{log}"
+        );
         assert!(session.join("disk.qcow2").is_file());
         assert!(taken.state.is_file());
         drop_taken(&session);
@@ -504,9 +539,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = assets(d.path(), "i1");
         let old = publish(&a, &build(&a, "k"), &meta(&a, "k")).unwrap();
-        discard(&old);
+        discard(&old, "a test");
         let new = publish(&a, &build(&a, "k"), &meta(&a, "k")).unwrap();
-        discard(&old);
+        discard(&old, "a test");
         assert!(find(&a, "k").is_some(), "a newer template was discarded");
         // Its base gone (CAPSEM_HOME moved): not used, and cleared for a new build.
         std::fs::remove_file(&a.base_disk).unwrap();

@@ -208,9 +208,27 @@ impl Env {
                 text.push_str(&tail(&d.path().join(f), &name));
             }
         }
-        let warm = self.path().join("run/warm.log");
-        if warm.is_file() {
-            text.push_str(&tail(&warm, "run/warm.log"));
+        // This home's template builds, the e2e home's (`capsem setup`'s), and the templates
+        // every home shares that were taken out of use, and why.
+        let mut logs = vec![
+            (self.path().join("run/warm.log"), "run/warm.log".to_string()),
+            (
+                e2e_home().join("run/warm.log"),
+                "the e2e home's run/warm.log".to_string(),
+            ),
+        ];
+        let assets = std::fs::read_dir(self.path().join("assets"));
+        for v in assets.into_iter().flatten().flatten() {
+            let name = format!(
+                "assets/{}/warm/discarded.log",
+                v.file_name().to_string_lossy()
+            );
+            logs.push((v.path().join("warm/discarded.log"), name));
+        }
+        for (path, name) in logs {
+            if path.is_file() {
+                text.push_str(&tail(&path, &name));
+            }
         }
         text
     }

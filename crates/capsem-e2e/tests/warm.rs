@@ -148,6 +148,15 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_
     assert_eq!(start(&env.info(&id)), "cold");
     assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
     assert!(!tmpl.exists(), "the bad template is still in use");
+    // The removal is noted, with QEMU's refusal as the reason.
+    let key = tmpl.file_name().unwrap().to_string_lossy().into_owned();
+    let noted = std::fs::read_to_string(tmpl.with_file_name("discarded.log")).unwrap_or_default();
+    assert!(
+        noted
+            .lines()
+            .any(|l| l.contains(&format!(" {key} (")) && l.contains("exit status: 1")),
+        "{noted}"
+    );
     env.ok(&["delete", &id]);
     // The service saw this size start warm before: it builds a new template by itself, and
     // the next session starts warm again.
@@ -179,7 +188,8 @@ fn setup_prepares_warm_starts_for_the_default_size_and_persistent_sessions_boot_
     assert_eq!(code, 200, "{body}");
     assert!(
         body.contains(r#""built":false"#),
-        "setup did not build it: {body}"
+        "setup's template is gone (or was never built): {body}\n{}",
+        env.session_logs()
     );
     let id = env.ok(&["create"]).trim().to_string();
     assert_eq!(start(&env.info(&id)), "warm");

@@ -42,6 +42,7 @@ pub use disk::{BASE_DISK_LABEL, BASE_DISK_SIZE};
 pub use error::ImageError;
 pub use initrd::{INITRD_DIRS, MODULE_ORDER_FILE};
 pub use kernel::{KernelPackage, INITRD_MODULES, KERNEL_META_PACKAGE};
+pub(crate) use manifest::rfc3339_utc;
 pub use manifest::{
     sha256_file, sparse_blocks_sha256, DigestKind, FileEntry, Manifest, BUILDER_FORMAT,
     MANIFEST_FILE,

@@ -274,19 +274,16 @@ where
             .incoming
             .as_ref()
             .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone(), running_tx)));
-        // Whether a failure proves the saved machine bad (QEMU ended, or the guest refused its
-        // identity) rather than only slow (no greeting in time, which a rare TCG hang of a
-        // good machine also causes).
-        let mut proven_bad = true;
+        // Whether a failure proves the saved machine bad (QEMU refused it, or the guest refused
+        // its identity) rather than only unlucky (no greeting in time, which a rare TCG hang
+        // of a good machine also causes; a QEMU killed from outside; a channel that broke).
+        let mut proven_bad = false;
         let outcome = tokio::select! {
             ch = connect_guest(listener, &spec, running) => match ch {
                 Ok(ch) => Ok(ch),
                 // A state that fails to load ends QEMU, and with it the channel; one that loads
                 // but whose guest never greets is as bad.
-                Err(e) if spec.incoming.is_some() => {
-                    proven_bad = false;
-                    Err(e.to_string())
-                }
+                Err(e) if spec.incoming.is_some() => Err(e.to_string()),
                 Err(ChannelError::ReadyTimeout(limit)) if cold_retries > 0 => {
                     cold_retries -= 1;
                     let _ = vm.child.kill().await;
@@ -295,17 +292,41 @@ where
                 }
                 Err(e) => return Err(e.into()),
             },
-            status = vm.child.wait() => Err(exit_text(status)),
+            status = vm.child.wait() => {
+                proven_bad = refused_state(&status);
+                Err(exit_text(status))
+            }
         };
         if let Some(r) = resumer {
             r.abort();
         }
+        // A channel that broke may be QEMU ending as it refuses the state: a moment tells.
+        let outcome = match outcome {
+            Err(why) if spec.incoming.is_some() && !proven_bad => {
+                match tokio::time::timeout(Duration::from_secs(1), vm.child.wait()).await {
+                    Ok(status) => {
+                        proven_bad = refused_state(&status);
+                        Err(format!("{why}; QEMU: {}", exit_text(status)))
+                    }
+                    Err(_) => Err(why),
+                }
+            }
+            other => other,
+        };
         // A restored guest becomes this session's before anything else reaches it.
         let outcome = match outcome {
             Ok(ch) if spec.incoming.is_some() => {
                 match take_identity(&ch.handle(), &spec.hostname).await {
                     Ok(()) => Ok(ch),
-                    Err(e) => Err(crate::error_chain(&e)),
+                    Err(e) => {
+                        // The guest answered, and said no.
+                        proven_bad = matches!(
+                            e,
+                            InstanceError::Identity(_)
+                                | InstanceError::Channel(ChannelError::Guest(_))
+                        );
+                        Err(crate::error_chain(&e))
+                    }
                 }
             }
             other => other,
@@ -329,7 +350,7 @@ where
                 let _ = vm.child.kill().await;
                 let t = template.take().expect("checked");
                 if proven_bad {
-                    crate::warm::discard(&t);
+                    crate::warm::discard(&t, &why);
                 }
                 crate::warm::drop_taken(&dir);
                 spec.incoming = None;
@@ -513,6 +534,14 @@ async fn handshake_or_exit(
 }
 
 /// How a VM process ended, in words.
+/// Whether QEMU's end says it refused the saved state it was given: it exits with an error of
+/// its own then. A signal (the OOM killer, a user) says nothing about the state.
+fn refused_state(status: &std::io::Result<std::process::ExitStatus>) -> bool {
+    status
+        .as_ref()
+        .is_ok_and(|s| s.code().is_some_and(|c| c != 0))
+}
+
 fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
     status
         .map(|s| s.to_string())

@@ -316,8 +316,8 @@ impl Service {
         self.info(&id).await
     }
 
-    /// A temporary session of a size that started warm before now booted cold: its template
-    /// was discarded (it stopped loading). Build a new one in the background, once per size
+    /// A temporary session of a size that started warm before (or that a `warm` request built)
+    /// now booted cold: its template was discarded (it stopped loading). Build a new one in the background, once per size
     /// and service lifetime (a template that keeps failing is not rebuilt in a loop).
     fn heal_warm_start(&self, ram_mb: u32, cpus: u32, start: api::StartKind) {
         let mut sizes = self
@@ -332,11 +332,7 @@ impl Service {
             api::StartKind::Cold if crate::warm::enabled() && sizes.remove(&(ram_mb, cpus)) => {
                 let svc = self.clone();
                 tokio::spawn(async move {
-                    let req = api::WarmRequest {
-                        ram_mb: Some(ram_mb),
-                        cpus: Some(cpus),
-                    };
-                    match svc.warm(req).await {
+                    match svc.build_warm(ram_mb, cpus).await {
                         Ok(r) => {
                             tracing::info!(key = %r.key, built = r.built, "warm-start template rebuilt")
                         }
@@ -385,6 +381,20 @@ impl Service {
         let ram_mb = req.ram_mb.unwrap_or(api::DEFAULT_RAM_MB);
         let cpus = req.cpus.unwrap_or_else(api::default_cpus);
         check_size(ram_mb, cpus)?;
+        let r = self.build_warm(ram_mb, cpus).await?;
+        // Sessions of this size are meant to start warm from now on: one that boots cold
+        // (its template discarded meanwhile) heals it, as after a warm start.
+        self.inner
+            .warm_sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((ram_mb, cpus));
+        Ok(r)
+    }
+
+    /// [`Self::warm`]'s build, without marking the size (a heal's rebuild must not lead to
+    /// another heal: a template that keeps failing is not rebuilt in a loop).
+    async fn build_warm(&self, ram_mb: u32, cpus: u32) -> Result<api::WarmResponse, HttpError> {
         self.assets()?;
         qemu::qemu_binary().map_err(unavailable)?;
         let accel = self.accel().await?;
