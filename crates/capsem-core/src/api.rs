@@ -306,6 +306,9 @@ pub struct StatusResponse {
     /// The usable warm-start templates (sizes whose temporary sessions are restored).
     #[serde(default)]
     pub warm: Vec<WarmTemplate>,
+    /// The last template taken out of use, and why (a line of `warm/discarded.log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_discarded: Option<String>,
 }
 
 /// One warm-start template, as `status` shows it.

@@ -279,6 +279,13 @@ pub fn discard(t: &Template, why: &str) {
     }
 }
 
+/// The last line of `assets`' [`discard_log`]: when, which and why the last template was taken
+/// out of use (`status` shows it).
+pub fn last_discard(assets: &Assets) -> Option<String> {
+    let line = crate::paths::tail_of(&root(assets).join(DISCARD_LOG), 1);
+    (!line.is_empty()).then_some(line)
+}
+
 /// The log of discarded templates, beside the templates of `dir`'s root (one line each: when,
 /// key, build id, why).
 pub fn discard_log(template_dir: &Path) -> PathBuf {
@@ -527,6 +534,7 @@ mod tests {
             log.contains(" k1 (") && log.ends_with(": a test\n"),
             "{log}"
         );
+        assert_eq!(last_discard(&a).as_deref(), Some(log.trim_end()));
         assert!(session.join("disk.qcow2").is_file());
         assert!(taken.state.is_file());
         drop_taken(&session);

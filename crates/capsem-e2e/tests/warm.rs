@@ -157,6 +157,14 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_
             .any(|l| l.contains(&format!(" {key} (")) && l.contains("exit status: 1")),
         "{noted}"
     );
+    // `status` shows the last one.
+    let status = env.ok(&["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("  discarded ") && l.contains(&key)),
+        "{status}"
+    );
     env.ok(&["delete", &id]);
     // The service saw this size start warm before: it builds a new template by itself, and
     // the next session starts warm again.

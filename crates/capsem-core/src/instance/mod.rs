@@ -534,12 +534,11 @@ async fn handshake_or_exit(
 }
 
 /// How a VM process ended, in words.
-/// Whether QEMU's end says it refused the saved state it was given: it exits with an error of
-/// its own then. A signal (the OOM killer, a user) says nothing about the state.
+/// Whether QEMU's end, before its restored guest was in, condemns the saved state: QEMU exits
+/// by itself when the state does not load (with an error) or when the restored guest powers
+/// off or panics at once. A signal (the OOM killer, a user) says nothing about the state.
 fn refused_state(status: &std::io::Result<std::process::ExitStatus>) -> bool {
-    status
-        .as_ref()
-        .is_ok_and(|s| s.code().is_some_and(|c| c != 0))
+    status.as_ref().is_ok_and(|s| s.code().is_some())
 }
 
 fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
@@ -1019,4 +1018,23 @@ fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, InstanceErro
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    #[test]
+    fn only_qemu_ending_by_itself_condemns_a_saved_state() {
+        let ended = |raw| Ok(ExitStatus::from_raw(raw));
+        // exit(1): the state did not load; exit(0): the restored guest powered off at once.
+        assert!(super::refused_state(&ended(1 << 8)));
+        assert!(super::refused_state(&ended(0)));
+        // Killed by a signal, or not waited for: says nothing about the state.
+        assert!(!super::refused_state(&ended(libc::SIGKILL)));
+        assert!(!super::refused_state(&Err(std::io::Error::other(
+            "wait failed"
+        ))));
+    }
 }

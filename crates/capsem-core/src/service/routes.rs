@@ -64,6 +64,7 @@ async fn version() -> Json<VersionResponse> {
 async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
     let loaded = crate::image::load(&svc.home().assets_root()).ok();
     let assets = loaded.as_ref().map(|a| a.dir.display().to_string());
+    let warm_discarded = loaded.as_ref().and_then(crate::warm::last_discard);
     let warm = loaded
         .map(|a| {
             crate::warm::usable(&a)
@@ -85,6 +86,7 @@ async fn status(State(svc): State<Service>) -> Json<StatusResponse> {
         accel: svc.accel_known().map(|a| a.as_str().to_string()),
         assets,
         warm,
+        warm_discarded,
     })
 }
 

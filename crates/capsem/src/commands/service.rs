@@ -44,6 +44,9 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<i32> {
             t.state_bytes >> 20
         );
     }
+    if let Some(d) = &s.warm_discarded {
+        println!("  discarded {d}");
+    }
     Ok(0)
 }
 
