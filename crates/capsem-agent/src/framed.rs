@@ -35,7 +35,7 @@ impl<S: AsyncRead + Unpin> FrameReader<S> {
             if avail.len() >= 4 {
                 let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
                 if len > MAX_FRAME {
-                    return Err(FrameError::TooLarge(len));
+                    return Err(FrameError::TooLarge(len, MAX_FRAME));
                 }
                 if avail.len() >= 4 + len {
                     let msg = frame::decode(&avail[4..4 + len]);

@@ -75,3 +75,42 @@ fn killed_process_takes_its_qemu_along() {
     assert!(env.wait_until(Duration::from_secs(5), || env.ids().is_empty()));
     assert!(!env.path().join("sessions").join(id).exists());
 }
+
+#[test]
+fn a_session_deleted_while_it_boots_leaves_nothing() {
+    let Some(env) = Env::new() else { return };
+    // A cold boot (no warm start) leaves seconds to delete the session in.
+    let started = env
+        .cmd(&["start"])
+        .env("CAPSEM_WARM", "0")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let create = env
+        .cmd(&["create", "--ram", "1", "--cpu", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        env.wait_until(Duration::from_secs(30), || env.ids().len() == 1),
+        "the session never showed up"
+    );
+    let id = env.ids()[0].clone();
+    env.ok(&["delete", &id]);
+    let out = create.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("deleted while it was starting"),
+        "{out:?}"
+    );
+    assert!(
+        env.wait_until(Duration::from_secs(10), || env
+            .processes("qemu-system")
+            .is_empty()
+            && env.processes("capsem-process").is_empty()),
+        "QEMU or capsem-process left running"
+    );
+    assert!(env.ids().is_empty());
+    assert!(!env.path().join("sessions").join(&id).exists());
+}

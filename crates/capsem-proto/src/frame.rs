@@ -11,12 +11,16 @@ pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Size of the data chunks senders put in one frame.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Largest header frame accepted where a stream says what it is for (a port, a host name):
+/// a peer may open many streams, and each must not cost more than this before it is served.
+pub const MAX_HEADER: usize = 4 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("channel i/o failed")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(usize, usize),
     #[error("malformed message")]
     Decode(#[source] postcard::Error),
     #[error("could not encode message")]
@@ -57,6 +61,16 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_within(r, MAX_FRAME).await
+}
+
+/// [`read_frame`] with a smaller limit than [`MAX_FRAME`]. The body's memory grows as its bytes
+/// arrive: a length prefix alone never makes this side allocate.
+pub async fn read_frame_within<R, T>(r: &mut R, max: usize) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -70,14 +84,14 @@ where
         got += n;
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > max.min(MAX_FRAME) {
+        return Err(FrameError::TooLarge(len, max.min(MAX_FRAME)));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FrameError::UnexpectedEof("the end of a frame"),
-        _ => FrameError::Io(e),
-    })?;
+    let mut body = Vec::with_capacity(len.min(CHUNK));
+    r.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(FrameError::UnexpectedEof("the end of a frame"));
+    }
     decode(&body).map(Some)
 }
 
@@ -88,4 +102,15 @@ where
     T: DeserializeOwned,
 {
     read_frame(r).await?.ok_or(FrameError::UnexpectedEof(what))
+}
+
+/// A stream's header frame (at most [`MAX_HEADER`] bytes), which must be there.
+pub async fn expect_header<R, T>(r: &mut R, what: &'static str) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    read_frame_within(r, MAX_HEADER)
+        .await?
+        .ok_or(FrameError::UnexpectedEof(what))
 }

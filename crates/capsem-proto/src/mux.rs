@@ -140,7 +140,7 @@ impl MuxHandle {
 /// Read the [`StreamOpen`] header of a stream the peer opened.
 pub async fn accept(stream: yamux::Stream) -> Result<Inbound, MuxError> {
     let mut stream = stream.compat();
-    let open: StreamOpen = frame::expect_frame(&mut stream, "the stream header")
+    let open: StreamOpen = frame::expect_header(&mut stream, "the stream header")
         .await
         .map_err(MuxError::Header)?;
     Ok(Inbound {

@@ -159,8 +159,36 @@ async fn frames_round_trip_and_limits_hold() {
     let got: ExecEvent = frame::expect_frame(&mut b, "data").await.unwrap();
     assert_eq!(got, ExecEvent::Stdout(ByteBuf::from(vec![0xAB; 5 << 20])));
     let err = frame::read_frame::<_, ExecEvent>(&mut b).await.unwrap_err();
-    assert!(matches!(err, frame::FrameError::TooLarge(_)));
+    assert!(matches!(err, frame::FrameError::TooLarge(_, _)));
     w.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_header_is_small_and_a_length_alone_allocates_nothing() {
+    use tokio::io::AsyncWriteExt;
+    // A header frame over MAX_HEADER is refused (a peer opening many streams cannot make the
+    // other side hold much for each).
+    let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+    let open = NetOpen::Dns {
+        name: "x".repeat(frame::MAX_HEADER),
+    };
+    frame::write_frame(&mut a, &open).await.unwrap();
+    let err = frame::expect_header::<_, NetOpen>(&mut b, "the header")
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        frame::FrameError::TooLarge(_, frame::MAX_HEADER)
+    ));
+    // A frame that announces MAX_FRAME bytes and then ends is a torn frame, not 64 MiB held.
+    let (mut a, mut b) = tokio::io::duplex(64);
+    a.write_all(&(frame::MAX_FRAME as u32).to_le_bytes())
+        .await
+        .unwrap();
+    a.write_all(b"abc").await.unwrap();
+    drop(a);
+    let err = frame::read_frame::<_, ExecInput>(&mut b).await.unwrap_err();
+    assert!(matches!(err, frame::FrameError::UnexpectedEof(_)), "{err}");
 }
 
 #[tokio::test]

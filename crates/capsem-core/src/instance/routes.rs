@@ -271,9 +271,11 @@ async fn echo_bench(
     State(inst): State<Arc<Instance>>,
     Json(req): Json<EchoBenchRequest>,
 ) -> ApiResult<EchoBenchResponse> {
-    let mut samples_us = Vec::with_capacity(req.count as usize);
-    for _ in 0..req.count.min(100_000) {
-        let d = inst.guest.echo(vec![0x5a; req.size as usize]).await?;
+    let count = req.count.min(100_000);
+    let size = (req.size as usize).min(capsem_proto::frame::CHUNK);
+    let mut samples_us = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let d = inst.guest.echo(vec![0x5a; size]).await?;
         samples_us.push(d.as_micros() as u64);
     }
     Ok(Json(EchoBenchResponse { samples_us }))

@@ -73,8 +73,20 @@ impl Ca {
                 source,
             }
         };
-        if !key_path.exists() || !cert_path.exists() {
+        let missing = || !key_path.exists() || !cert_path.exists();
+        // Two first runs at once (setup and a service) must not write one's key beside the
+        // other's certificate: creation is serialised, and the second finds the first's.
+        let _creating = if missing() {
             crate::paths::private_dir(dir).map_err(io("create", dir))?;
+            let lock_path = dir.join(".lock");
+            let file = crate::paths::private_log(&lock_path).map_err(io("open", &lock_path))?;
+            let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| io("lock", &lock_path)(std::io::Error::from(errno)))?;
+            Some(lock)
+        } else {
+            None
+        };
+        if missing() {
             let key = KeyPair::generate().map_err(|e| CaError::Damaged(dir.into(), e))?;
             let cert = ca_params()
                 .self_signed(&key)

@@ -151,7 +151,7 @@ impl Network {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let open: NetOpen = match frame::expect_frame(&mut stream, "the network request").await {
+        let open: NetOpen = match frame::expect_header(&mut stream, "the network request").await {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!(error = %e, "network stream without a request");

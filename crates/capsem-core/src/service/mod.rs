@@ -309,7 +309,8 @@ impl Service {
             }
         };
         let start = spawned.info.start;
-        self.mark_running(&id, spawned, exited_tx, exited_rx).await;
+        self.mark_running(&id, spawned, exited_tx, exited_rx)
+            .await?;
         if !record.persistent {
             self.heal_warm_start(ram_mb, cpus, start);
         }
@@ -346,23 +347,21 @@ impl Service {
         }
     }
 
-    /// A session's process is up: record it, and watch for its end.
+    /// A session's process is up: record it, and watch for its end. A session deleted while it
+    /// booted (its process had no socket yet to be told) has its process ended here instead,
+    /// and the caller gets the 409 that says so.
     async fn mark_running(
         &self,
         id: &str,
         spawned: spawn::Spawned,
         exited_tx: watch::Sender<bool>,
         exited_rx: watch::Receiver<bool>,
-    ) {
+    ) -> Result<(), HttpError> {
         let mut child = spawned.child;
         let pid = child.id();
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-            let _ = exited_tx.send(true);
-        });
-        {
-            let mut map = self.inner.sessions.lock().await;
-            if let Some(e) = map.get_mut(id) {
+        let mut map = self.inner.sessions.lock().await;
+        match map.get_mut(id) {
+            Some(e) if e.status != Status::Stopping => {
                 e.status = Status::Running;
                 e.vm = Some(spawned.info);
                 e.started = Instant::now();
@@ -371,8 +370,30 @@ impl Service {
                 // A fresh pool: connections to a previous process of this session are dead.
                 e.client = UdsClient::new(self.home().instance_socket(id));
             }
+            deleting => {
+                let gone = deleting.is_none();
+                drop(map);
+                tracing::info!(%id, "deleted while it booted: ending its process");
+                let _ = child.kill().await;
+                let _ = exited_tx.send(true);
+                if gone {
+                    // The delete is over: what the process made after it is ours to remove.
+                    let _ = std::fs::remove_dir_all(self.home().session_dir(id));
+                    let _ = std::fs::remove_file(self.home().instance_socket(id));
+                }
+                return Err(HttpError::new(
+                    StatusCode::CONFLICT,
+                    format!("session {id} was deleted while it was starting"),
+                ));
+            }
         }
+        drop(map);
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            let _ = exited_tx.send(true);
+        });
         self.watch_exit(id.to_string(), exited_rx);
+        Ok(())
     }
 
     /// Build the warm-start template for a size (default: a session's) unless there is one:
@@ -570,7 +591,7 @@ impl Service {
         match started {
             Ok(spawned) => {
                 let (tx, rx) = watch::channel(false);
-                self.mark_running(id, spawned, tx, rx).await;
+                self.mark_running(id, spawned, tx, rx).await?;
                 self.info(id).await
             }
             Err(e) => {

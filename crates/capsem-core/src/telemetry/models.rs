@@ -192,7 +192,8 @@ fn fold(api: Api, ev: &Value, u: &mut Usage) {
                 let cached = n(usage, &["cachedContentTokenCount"]);
                 u.cache_read = cached;
                 u.input = n(usage, &["promptTokenCount"]).saturating_sub(cached);
-                u.output = n(usage, &["candidatesTokenCount"]) + n(usage, &["thoughtsTokenCount"]);
+                u.output = n(usage, &["candidatesTokenCount"])
+                    .saturating_add(n(usage, &["thoughtsTokenCount"]));
             }
         }
     }
