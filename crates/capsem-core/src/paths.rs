@@ -156,6 +156,19 @@ pub fn make_private_tree(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// An exclusive `flock` on a file, held until dropped.
+pub type Lock = nix::fcntl::Flock<fs::File>;
+
+/// Take the exclusive lock on `path` (created 0600), or `None` when another holder has it.
+pub fn try_lock(path: &Path) -> io::Result<Option<Lock>> {
+    use nix::fcntl::{Flock, FlockArg};
+    match Flock::lock(private_log(path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io::Error::from(errno)),
+    }
+}
+
 /// Open a log file for appending, creating it with mode 0600.
 pub fn private_log(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

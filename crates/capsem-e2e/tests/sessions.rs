@@ -144,3 +144,31 @@ fn uds_path_selects_another_service() {
     env.ok(&["--uds-path", sock, "delete", &id]);
     env.ok(&["--uds-path", sock, "stop"]);
 }
+
+#[test]
+fn first_commands_at_once_start_one_service() {
+    let Some(env) = Env::new() else { return };
+    // Six commands with no service running: each starts one, and all must end up on the same.
+    let racers: Vec<_> = (0..6)
+        .map(|_| {
+            env.cmd(&["list", "-q"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for r in racers {
+        let out = r.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(
+        env.processes("capsem-service").len(),
+        1,
+        "more than one service for one socket"
+    );
+    // The lock beside the socket is private too.
+    use std::os::unix::fs::PermissionsExt;
+    let lock = std::fs::metadata(env.path().join("run/service.lock")).unwrap();
+    assert_eq!(lock.permissions().mode() & 0o777, 0o600);
+}

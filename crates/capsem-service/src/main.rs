@@ -35,12 +35,32 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     match rt.block_on(serve(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<AlreadyRunning>() => {
+            eprintln!("capsem-service: {e:#}");
+            std::process::ExitCode::from(capsem_core::service::autostart::ALREADY_RUNNING)
+        }
         Err(e) => {
             eprintln!("capsem-service: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
 }
+
+/// Another service has this socket (or is starting on it).
+#[derive(Debug)]
+struct AlreadyRunning(PathBuf);
+
+impl std::fmt::Display for AlreadyRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a capsem service is already running on {}",
+            self.0.display()
+        )
+    }
+}
+
+impl std::error::Error for AlreadyRunning {}
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let home = Home::from_env().context("cannot find the capsem home")?;
@@ -50,12 +70,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = sock.parent() {
         paths::private_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // One service per socket for its whole life: two started at once (two first commands)
+    // must not both bind it, the second unlinking the first's.
+    let lock_path = sock.with_extension("lock");
+    let Some(_lock) = paths::try_lock(&lock_path)
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?
+    else {
+        return Err(AlreadyRunning(sock).into());
+    };
     if UdsClient::new(&sock)
         .get::<capsem_core::api::VersionResponse>("/version")
         .await
         .is_ok()
     {
-        anyhow::bail!("a capsem service is already running on {}", sock.display());
+        return Err(AlreadyRunning(sock).into());
     }
     let listener = uds_http::bind_private(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;

@@ -12,6 +12,9 @@ use crate::uds_http::UdsClient;
 
 /// How long a freshly started service gets to answer.
 const START_LIMIT: Duration = Duration::from_secs(15);
+/// `capsem-service`'s exit code when another service has its socket (EX_TEMPFAIL): a starter
+/// then waits for that one instead of failing.
+pub const ALREADY_RUNNING: u8 = 75;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AutostartError {
@@ -108,6 +111,16 @@ impl Target {
                 return Ok(());
             }
             if let Ok(Some(status)) = child.try_wait() {
+                if status.code() == Some(i32::from(ALREADY_RUNNING)) {
+                    // Another command started one at the same moment: wait for that one.
+                    while Instant::now() < deadline {
+                        if self.is_running().await {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    break;
+                }
                 return Err(AutostartError::Exited {
                     status: status.to_string(),
                     log: log_path,
