@@ -159,6 +159,10 @@ pub struct LogsArgs {
     /// Show only the last N lines of each log.
     #[arg(long, value_name = "N")]
     pub tail: Option<usize>,
+    /// Print the logs' bytes as they are, even on a terminal (by default the guest's control
+    /// characters are shown as \xNN there, so they cannot drive your terminal).
+    #[arg(long)]
+    pub raw: bool,
 }
 
 #[derive(Args)]

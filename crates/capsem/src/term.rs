@@ -47,3 +47,38 @@ pub fn size() -> (u16, u16) {
     }
     (80, 24)
 }
+
+/// `text` made safe to print on a terminal: line ends kept (a console's `\r\n` becomes `\n`),
+/// tabs kept, every other control character shown as `\xNN`, so that a guest cannot send the
+/// user's terminal escape sequences (set its title, write its clipboard, move its cursor to
+/// overwrite earlier lines).
+pub fn inert(text: &str) -> std::borrow::Cow<'_, str> {
+    let harmless = |c: char| c == '\n' || c == '\t' || !c.is_control();
+    if text.chars().all(harmless) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if harmless(c) => out.push(c),
+            c => out.push_str(&format!("\\x{:02x}", c as u32)),
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escape_sequences_are_shown_not_sent() {
+        assert_eq!(super::inert("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(super::inert("boot\r\nok\r\n"), "boot\nok\n");
+        assert_eq!(
+            super::inert("\x1b]52;c;cHduZWQ=\x07x\rfake"),
+            "\\x1b]52;c;cHduZWQ=\\x07x\\x0dfake"
+        );
+        assert_eq!(super::inert("\u{9b}31m"), "\\x9b31m");
+    }
+}
