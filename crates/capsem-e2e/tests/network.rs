@@ -161,6 +161,23 @@ fn egress_is_only_what_the_policy_allows() {
         t.contains("block blocked.example") && t.ends_with(" 403"),
         "{t}"
     );
+    // A name the policy allows but that resolves on the host to the host itself, or an inward
+    // address literal, is refused (the guest must not reach host-local services or a cloud
+    // metadata endpoint); upstream_override is the deliberate way to map a name inward.
+    env.write_settings(&settings(&up, "").replace(
+        r#"allow = ["allowed.example"]"#,
+        r#"allow = ["allowed.example", "localhost", "169.254.169.254"]"#,
+    ));
+    for name in ["localhost", "169.254.169.254"] {
+        let t = g.ok(&format!(
+            "curl -sS -w ' %{{http_code}}' -H 'Host: {name}' http://10.0.0.1/latest/"
+        ));
+        assert!(
+            t.contains("capsem reaches public addresses only") && t.ends_with(" 403"),
+            "{t}"
+        );
+    }
+    env.write_settings(&settings(&up, ""));
     // CONNECT (HTTPS_PROXY clients): allowed host through, blocked host refused.
     assert_eq!(
         g.ok("curl -sS -x http://10.0.0.1:80 https://allowed.example/"),

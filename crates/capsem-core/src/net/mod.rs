@@ -13,6 +13,7 @@
 //! Policy files are re-read when they change ([`PolicySource`]), so an edit reaches running
 //! sessions without a restart.
 
+mod addr;
 pub mod ca;
 mod proxy;
 

@@ -242,8 +242,10 @@ impl Conn {
                 ),
             );
         }
-        let target = policy
-            .upstream_for(&host)
+        // A name the user mapped is reached where they said; any other only at a public address.
+        let overridden = policy.upstream_for(&host);
+        let inward_ok = overridden.is_some();
+        let target = overridden
             .map(str::to_string)
             .unwrap_or_else(|| format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 }));
         let api = models::recognize(&host, method.as_str(), &path);
@@ -271,9 +273,14 @@ impl Conn {
                     Some(Ok(c)) => Some(c),
                     None => None,
                 };
-                match connect_upstream(&host, &target, tls).await {
+                match connect_upstream(&host, &target, inward_ok, tls).await {
                     Ok(s) => s,
-                    Err(e) => {
+                    Err(Refused::Inward(e)) => {
+                        let rule = format!("{host} {e}");
+                        self.log(&host, &method, &path, Action::Deny, &rule, 403);
+                        return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
+                    }
+                    Err(Refused::Other(e)) => {
                         self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
                         return text(
                             StatusCode::BAD_GATEWAY,
@@ -450,15 +457,44 @@ impl Conn {
     }
 }
 
+/// Why no upstream connection was made.
+enum Refused {
+    /// The name resolves only to addresses capsem does not reach (a policy answer: 403).
+    Inward(super::addr::AddrError),
+    /// Anything else (502).
+    Other(String),
+}
+
+impl From<String> for Refused {
+    fn from(e: String) -> Self {
+        Refused::Other(e)
+    }
+}
+
 async fn connect_upstream(
     host: &str,
     target: &str,
+    inward_ok: bool,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<SendRequest<Body>, String> {
-    let tcp = tokio::time::timeout(CONNECT_LIMIT, tokio::net::TcpStream::connect(target))
+) -> Result<SendRequest<Body>, Refused> {
+    use super::addr::{public_addrs, AddrError};
+    let connect = async {
+        if inward_ok {
+            return tokio::net::TcpStream::connect(target)
+                .await
+                .map_err(|e| Refused::Other(e.to_string()));
+        }
+        let addrs = public_addrs(target).await.map_err(|e| match e {
+            AddrError::Inward(_) => Refused::Inward(e),
+            other => Refused::Other(other.to_string()),
+        })?;
+        tokio::net::TcpStream::connect(&addrs[..])
+            .await
+            .map_err(|e| Refused::Other(e.to_string()))
+    };
+    let tcp = tokio::time::timeout(CONNECT_LIMIT, connect)
         .await
-        .map_err(|_| format!("no connection within {CONNECT_LIMIT:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| format!("no connection within {CONNECT_LIMIT:?}"))??;
     let _ = tcp.set_nodelay(true);
     let io: BoxIo = match tls {
         Some(cfg) => {
