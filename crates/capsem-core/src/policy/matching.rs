@@ -9,6 +9,49 @@ pub fn normalize(domain: &str) -> String {
     domain.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// A request path as the policy judges it: no query or fragment, percent-escapes of unreserved
+/// characters and of `/` decoded (`%76` is `v`; many servers route `%2F` as `/`), runs of `/`
+/// collapsed, `.` and `..` segments resolved. A server reads `/v1/x`, `//v1/x`, `/%761/x` and
+/// `/a/../v1/x` alike, so a path rule must too. Other escapes stay as they are.
+pub fn canonical_path(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
+                    decoded.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut out = format!("/{}", segments.join("/"));
+    if trailing && !segments.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainPattern {
     Any,

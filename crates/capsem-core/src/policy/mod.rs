@@ -291,6 +291,8 @@ impl Policy {
     /// Decide one HTTP request.
     pub fn decide(&self, domain: &str, method: &str, path: &str) -> Decision {
         let domain = matching::normalize(domain);
+        let path = matching::canonical_path(path);
+        let path = path.as_str();
         if let Some(p) = self.block.iter().find(|p| p.matches(&domain)) {
             return deny(format!("block {p}"));
         }

@@ -258,3 +258,37 @@ fn write_preset_keeps_other_keys_and_takes_effect() {
     assert!(write_preset(&user, Preset::High).is_err());
     assert_eq!(std::fs::read_to_string(&user).unwrap(), "[network\n");
 }
+
+#[test]
+fn a_path_rule_sees_through_spellings_of_the_same_path() {
+    let p = policy(USER, "");
+    for path in [
+        "/v1/messages",
+        "//v1/messages",
+        "/v1//messages",
+        "/%761/messages",
+        "/%76%31/messages",
+        "/./v1/messages",
+        "/x/../v1/messages",
+        "/%2e/v1/messages",
+        "/x/%2E%2E/v1/messages",
+        "/v1/messages?x=/v2/",
+        "/v1%2Fmessages",
+        "/x%2F..%2Fv1/messages",
+    ] {
+        let d = p.decide("api.example.com", "POST", path);
+        assert_eq!(d.action, Action::Deny, "{path}");
+    }
+    // Other paths are not that path.
+    for path in ["/v2/messages", "/v1%3Fmessages", "/../v2/x"] {
+        let d = p.decide("api.example.com", "POST", path);
+        assert_eq!(d.action, Action::Allow, "{path}");
+    }
+    use super::matching::canonical_path as c;
+    assert_eq!(c("/"), "/");
+    assert_eq!(c(""), "/");
+    assert_eq!(c("/a/b/"), "/a/b/");
+    assert_eq!(c("/a/b/.."), "/a/");
+    assert_eq!(c("/a/%7Eu/%zz"), "/a/~u/%zz");
+    assert_eq!(c("/%"), "/%");
+}
