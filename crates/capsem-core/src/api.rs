@@ -161,6 +161,9 @@ pub struct ExecResponse {
     pub timed_out: bool,
     /// Guest-side spawn-to-reap time of the job, microseconds.
     pub guest_spawn_us: u64,
+    /// Output past 64 MiB per stream was dropped (the streaming endpoint has no limit).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// Body of the streaming exec upgrade (`POST /vms/{id}/exec/stream`): after `101`, the client

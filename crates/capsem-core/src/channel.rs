@@ -54,6 +54,19 @@ pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub exit: ExecExit,
+    /// Output past [`EXEC_OUTPUT_LIMIT`] (per stream) was dropped.
+    pub truncated: bool,
+}
+
+/// Most output [`Guest::exec`] keeps of each stream: a job that prints without end must not
+/// fill the host's memory (the streaming exec has no such limit: it holds nothing).
+pub const EXEC_OUTPUT_LIMIT: usize = 64 << 20;
+
+/// Append what fits of `data` to `buf` under `limit`; false when some did not fit.
+fn keep(buf: &mut Vec<u8>, data: &[u8], limit: usize) -> bool {
+    let room = limit.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() <= room
 }
 
 impl GuestChannel {
@@ -247,12 +260,17 @@ impl Guest {
                 timed_out: false,
                 spawn_to_exit_us: 0,
             },
+            truncated: false,
         };
         loop {
             match frame::expect_frame::<_, ExecEvent>(&mut s, "the job's exit").await? {
                 ExecEvent::Started { .. } => {}
-                ExecEvent::Stdout(b) => out.stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => out.stderr.extend_from_slice(&b),
+                ExecEvent::Stdout(b) => {
+                    out.truncated |= !keep(&mut out.stdout, &b, EXEC_OUTPUT_LIMIT);
+                }
+                ExecEvent::Stderr(b) => {
+                    out.truncated |= !keep(&mut out.stderr, &b, EXEC_OUTPUT_LIMIT);
+                }
                 ExecEvent::Exit(e) => {
                     out.exit = e;
                     return Ok(out);
@@ -260,5 +278,19 @@ impl Guest {
                 ExecEvent::Failed { message } => return Err(ChannelError::Guest(message)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn collected_output_stops_at_the_limit() {
+        let mut buf = Vec::new();
+        assert!(super::keep(&mut buf, b"abcd", 6));
+        assert!(!super::keep(&mut buf, b"efgh", 6));
+        assert_eq!(buf, b"abcdef");
+        assert!(!super::keep(&mut buf, b"ij", 6));
+        assert!(super::keep(&mut buf, b"", 6));
+        assert_eq!(buf, b"abcdef");
     }
 }

@@ -116,14 +116,18 @@ async fn build(target: &Target, force: bool, agent: Option<PathBuf>) -> anyhow::
         r
     })
     .await
-    .context("the image build task failed")??;
-    // Everything under CAPSEM_HOME is private to the user, the guest image included.
+    .context("the image build task failed")?;
+    // Everything under CAPSEM_HOME is private to the user, the guest image included, and so
+    // is what a failed build left behind.
     for tree in [home.assets_root(), home.cache_dir()] {
         if tree.exists() {
-            capsem_core::paths::make_private_tree(&tree)
-                .with_context(|| format!("cannot make {} private", tree.display()))?;
+            let made = capsem_core::paths::make_private_tree(&tree);
+            if outcome.is_ok() {
+                made.with_context(|| format!("cannot make {} private", tree.display()))?;
+            }
         }
     }
+    let outcome = outcome?;
     capsem_core::net::Ca::load_or_create(&home.ca_dir()).context("cannot create the capsem CA")?;
     if outcome.rebuilt.is_empty() {
         println!("guest image up to date in {}", outcome.assets.dir.display());
