@@ -470,7 +470,7 @@ async fn connect_guest(
     if spec.incoming.is_none() {
         return GuestChannel::establish(&listener, CONNECT_LIMIT, READY_LIMIT).await;
     }
-    let before = hangups_seen(&spec.serial_log);
+    let before = console_end(&spec.serial_log);
     let running = async {
         let _ = running.await;
     };
@@ -489,22 +489,35 @@ async fn connect_guest(
     GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_READY_LIMIT).await
 }
 
-/// How many times the agent has said on the console (`serial`) that the host hung up. (The
-/// console is bytes: a kernel line need not be UTF-8.)
-fn hangups_seen(serial: &std::path::Path) -> usize {
-    const SAID: &[u8] = b"waiting for the host";
-    std::fs::read(serial)
-        .unwrap_or_default()
-        .windows(SAID.len())
-        .filter(|w| *w == SAID)
-        .count()
+/// Where the console (`serial`) ends now: a later [`hangup_said_since`] reads only what
+/// follows (the guest writes the console; it may be large).
+fn console_end(serial: &std::path::Path) -> u64 {
+    std::fs::metadata(serial).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Wait up to `limit` for the agent to say it saw one more hang-up than `before`; whether it did.
-async fn hangup_seen(serial: &std::path::Path, before: usize, limit: Duration) -> bool {
+/// Whether the agent has said on the console, after byte `from`, that the host hung up. (The
+/// console is bytes: a kernel line need not be UTF-8.)
+fn hangup_said_since(serial: &std::path::Path, from: u64) -> bool {
+    use std::io::{Read, Seek};
+    const SAID: &[u8] = b"waiting for the host";
+    // At most this much of what follows `from` is read (the line comes at once, not after a
+    // flood); the search starts a little before, in case the line straddles `from`.
+    const WINDOW: u64 = 1 << 20;
+    let start = from.saturating_sub(SAID.len() as u64 - 1);
+    let mut text = Vec::new();
+    let read = std::fs::File::open(serial).and_then(|mut f| {
+        f.seek(std::io::SeekFrom::Start(start))?;
+        f.take(WINDOW).read_to_end(&mut text)
+    });
+    read.is_ok() && text.windows(SAID.len()).any(|w| w == SAID)
+}
+
+/// Wait up to `limit` for the agent to say, after console byte `from`, that it saw a hang-up;
+/// whether it did.
+async fn hangup_seen(serial: &std::path::Path, from: u64, limit: Duration) -> bool {
     let t = Instant::now();
     loop {
-        if hangups_seen(serial) > before {
+        if hangup_said_since(serial, from) {
             tracing::debug!(
                 ms = t.elapsed().as_millis() as u64,
                 "the agent saw the hang-up"
@@ -681,7 +694,7 @@ async fn save_machine(
 ) -> Result<u64, String> {
     guest_sync(guest).await?;
     let serial = dir.join(SERIAL_LOG);
-    let before = hangups_seen(&serial);
+    let before = console_end(&serial);
     hanging_up();
     let stale = std::env::var_os(FAULT_STALE_SUSPEND_ENV).is_some();
     if !stale {
@@ -1036,5 +1049,21 @@ mod tests {
         assert!(!super::refused_state(&Err(std::io::Error::other(
             "wait failed"
         ))));
+    }
+
+    #[test]
+    fn a_hang_up_counts_only_when_said_after_the_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let serial = d.path().join("serial.log");
+        assert_eq!(super::console_end(&serial), 0);
+        assert!(!super::hangup_said_since(&serial, 0));
+        std::fs::write(&serial, b"boot\xff\ncapsem-agent: waiting for the host\n").unwrap();
+        let mark = super::console_end(&serial);
+        assert!(super::hangup_said_since(&serial, 0));
+        assert!(!super::hangup_said_since(&serial, mark));
+        let mut more = std::fs::read(&serial).unwrap();
+        more.extend_from_slice(b"\x1b[0mcapsem-agent: waiting for the host\n");
+        std::fs::write(&serial, more).unwrap();
+        assert!(super::hangup_said_since(&serial, mark));
     }
 }

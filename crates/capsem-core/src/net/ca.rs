@@ -60,6 +60,9 @@ fn ca_params() -> CertificateParams {
     p
 }
 
+/// Most minted leaves kept per CA (per session's proxy).
+const LEAF_CACHE_MAX: usize = 1024;
+
 impl Ca {
     /// Load the CA from `dir`, creating it (0700 directory, 0600 key) if it does not exist.
     pub fn load_or_create(dir: &Path) -> Result<Ca, CaError> {
@@ -157,6 +160,10 @@ impl Ca {
             vec![cert.der().clone(), self.cert_der()],
             signer,
         ));
+        // The guest picks the names: the cache is bounded (a full one starts over).
+        if cache.len() >= LEAF_CACHE_MAX {
+            cache.clear();
+        }
         cache.insert(name, ck.clone());
         Ok(ck)
     }
@@ -185,6 +192,11 @@ mod tests {
         // A leaf from the reloaded CA verifies against the stored certificate.
         let leaf = again.leaf("Allowed.Example").unwrap();
         assert!(Arc::ptr_eq(&leaf, &again.leaf("allowed.example").unwrap()));
+        // Names without end do not grow the cache without end.
+        for i in 0..LEAF_CACHE_MAX + 5 {
+            again.leaf(&format!("n{i}.example")).unwrap();
+        }
+        assert!(again.leaves.lock().unwrap().len() <= LEAF_CACHE_MAX);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.cert_der()).unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
