@@ -67,12 +67,13 @@ pub struct Template {
 }
 
 /// What a session took from a template: its disk top, and the saved machine to load (the
-/// session's own link to the template's state, or the template's file itself when the session
-/// is on another filesystem).
+/// session's own link to the template's state; across filesystems, the template's file as this
+/// process holds it open, `/proc/<pid>/fd/<n>`, valid while `held` is).
 #[derive(Debug)]
 pub struct Taken {
     pub top: PathBuf,
     pub state: PathBuf,
+    pub held: Option<std::fs::File>,
 }
 
 /// The session's link to the template's saved machine (removed once loaded).
@@ -204,11 +205,24 @@ pub fn list(assets: &Assets) -> Vec<(Template, TemplateMeta)> {
 /// Give session directory `dir` what it needs from the template: its disk layer 0 and its
 /// saved machine, both linked from one open handle on the template's directory (so a template
 /// replaced meanwhile can never pair one template's disk with another's RAM), then a new empty
-/// top over layer 0. Across filesystems layer 0 is copied and the state used in place.
+/// top over layer 0. Across filesystems layer 0 is copied and the state is opened through the
+/// same handle and held. A template replaced since it was found is not taken (the session boots
+/// cold): a bad replacement could then never be discarded by the build id `t` carries.
 pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, WarmError> {
     use std::os::fd::AsRawFd;
     let io = |p: &Path, e: io::Error| WarmError::Io(p.to_path_buf(), e);
     let handle = std::fs::File::open(&t.dir).map_err(|e| io(&t.dir, e))?;
+    let via_handle =
+        |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
+    if read_meta(&via_handle("")).is_none_or(|m| m.build != t.build) {
+        return Err(io(
+            &t.dir,
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "the template was replaced meanwhile",
+            ),
+        ));
+    }
     let link = |name: &str, to: &Path| {
         nix::unistd::linkat(
             Some(handle.as_raw_fd()),
@@ -219,8 +233,6 @@ pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, Warm
         )
         .map_err(io::Error::from)
     };
-    let via_handle =
-        |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
     let first = dir.join(crate::disk::FIRST);
     match link(crate::disk::FIRST, &first) {
         Ok(()) => {}
@@ -230,9 +242,20 @@ pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, Warm
         Err(e) => return Err(io(&first, e)),
     }
     let own = dir.join(TAKEN_STATE);
-    let state = match link(STATE_FILE, &own) {
-        Ok(()) => own,
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => t.dir.join(STATE_FILE),
+    let (state, held) = match link(STATE_FILE, &own) {
+        Ok(()) => (own, None),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            match std::fs::File::open(via_handle(STATE_FILE)) {
+                Ok(f) => {
+                    let path = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
+                    (PathBuf::from(path), Some(f))
+                }
+                Err(e) => {
+                    drop_taken(dir);
+                    return Err(io(&t.dir.join(STATE_FILE), e));
+                }
+            }
+        }
         Err(e) => {
             drop_taken(dir);
             return Err(io(&own, e));
@@ -243,7 +266,7 @@ pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, Warm
         drop_taken(dir);
         return Err(e.into());
     }
-    Ok(Taken { top, state })
+    Ok(Taken { top, state, held })
 }
 
 /// Undo [`take`] in `dir` (the restore failed; the session boots cold instead).
@@ -551,6 +574,25 @@ mod tests {
         let new = publish(&a, &build(&a, "k"), &meta(&a, "k")).unwrap();
         discard(&old, "a test");
         assert!(find(&a, "k").is_some(), "a newer template was discarded");
+        // Nor is a newer template taken under the old one's build id.
+        let session = d.path().join("session");
+        std::fs::create_dir(&session).unwrap();
+        assert!(take(&old, &session, &FakeHv).is_err());
+        assert_eq!(crate::disk::top(&session).unwrap(), None);
+        // Across filesystems (a tmpfs session directory): layer 0 is copied, and the saved
+        // machine is the template's own file, held open by this process.
+        let other = tempfile::tempdir_in("/dev/shm").unwrap();
+        let taken = take(&new, other.path(), &FakeHv).unwrap();
+        let held = taken.held.as_ref().expect("held across filesystems");
+        assert!(taken
+            .state
+            .starts_with(format!("/proc/{}/fd/", std::process::id())));
+        assert_eq!(std::fs::read_to_string(&taken.state).unwrap(), "ram");
+        assert!(held.metadata().unwrap().is_file());
+        assert_eq!(
+            std::fs::read_to_string(other.path().join(crate::disk::FIRST)).unwrap(),
+            "layer 0"
+        );
         // Its base gone (CAPSEM_HOME moved): not used, and cleared for a new build.
         std::fs::remove_file(&a.base_disk).unwrap();
         assert!(find(&a, "k").is_none());

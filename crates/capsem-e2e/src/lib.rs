@@ -41,6 +41,11 @@ impl Env {
     /// A fresh home with the guest image, or `None` (test skipped) when the image or QEMU is
     /// missing and `CAPSEM_E2E` is not set.
     pub fn new() -> Option<Env> {
+        Env::new_in("/tmp")
+    }
+
+    /// [`Env::new`] with the home under `parent` (another filesystem than the image's, say).
+    pub fn new_in(parent: &str) -> Option<Env> {
         let assets = e2e_home().join("assets");
         let bin = bin_dir();
         let mut missing = Vec::new();
@@ -72,7 +77,7 @@ impl Env {
             eprintln!("skipping e2e test: missing {}", missing.join(", "));
             return None;
         }
-        let env = Env::bare();
+        let env = Env::bare_in(parent);
         std::os::unix::fs::symlink(&assets, env.home.path().join("assets")).expect("link assets");
         // Reuse the accelerator probe of the image home if it has one (it is per host boot).
         let cache = e2e_home().join("run/accel.json");
@@ -85,9 +90,13 @@ impl Env {
 
     /// A home with no guest image (for the "assets missing" checks).
     pub fn bare() -> Env {
+        Env::bare_in("/tmp")
+    }
+
+    fn bare_in(parent: &str) -> Env {
         let home = tempfile::Builder::new()
             .prefix("capsem-e2e-")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .expect("temp home");
         Env {
             home,

@@ -220,3 +220,18 @@ fn setup_prepares_warm_starts_for_the_default_size_and_persistent_sessions_boot_
         "invalid CPU count",
     );
 }
+
+#[test]
+fn a_home_on_another_filesystem_than_its_image_still_starts_warm() {
+    // Sessions on a tmpfs, the image (and its templates) on the disk: the template's disk is
+    // copied and its saved machine read through the handle capsem-process holds.
+    let Some(env) = Env::new_in("/dev/shm") else {
+        return;
+    };
+    // The default size: `capsem setup` saved its template.
+    let id = env.ok(&["create"]).trim().to_string();
+    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
+    assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
+    env.ok(&["delete", &id]);
+    capsem_e2e::assert_nothing_left(&env);
+}

@@ -198,6 +198,8 @@ where
     // new ephemeral session starts from the warm-start template when there is one for its size.
     let mut template = None;
     let mut taken_state = None;
+    // The template's saved machine held open for QEMU across filesystems (see `warm::take`).
+    let mut held_state = None;
     let disk = match crate::disk::top_path(&dir)
         .map_err(|e| InstanceError::Record(cfg.id.clone(), e))?
     {
@@ -219,6 +221,7 @@ where
             {
                 Some(Ok(taken)) => {
                     taken_state = Some(taken.state);
+                    held_state = taken.held;
                     taken.top
                 }
                 Some(Err(e)) => {
@@ -370,6 +373,8 @@ where
             Err(why) => return Err(InstanceError::VmExited(why)),
         }
     };
+    // Loaded (or given up on): QEMU has read the saved machine.
+    drop(held_state);
     let network = Arc::new(
         network_task
             .await
