@@ -104,13 +104,5 @@ fn a_session_deleted_while_it_boots_leaves_nothing() {
         String::from_utf8_lossy(&out.stderr).contains("deleted while it was starting"),
         "{out:?}"
     );
-    assert!(
-        env.wait_until(Duration::from_secs(10), || env
-            .processes("qemu-system")
-            .is_empty()
-            && env.processes("capsem-process").is_empty()),
-        "QEMU or capsem-process left running"
-    );
-    assert!(env.ids().is_empty());
-    assert!(!env.path().join("sessions").join(&id).exists());
+    capsem_e2e::assert_nothing_left(&env);
 }
