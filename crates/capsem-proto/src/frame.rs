@@ -87,11 +87,23 @@ where
     if len > max.min(MAX_FRAME) {
         return Err(FrameError::TooLarge(len, max.min(MAX_FRAME)));
     }
-    let mut body = Vec::with_capacity(len.min(CHUNK));
-    r.take(len as u64).read_to_end(&mut body).await?;
-    if body.len() < len {
-        return Err(FrameError::UnexpectedEof("the end of a frame"));
-    }
+    let torn = || FrameError::UnexpectedEof("the end of a frame");
+    let body = if len <= CHUNK {
+        // Small (nearly every frame): sized at once.
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => torn(),
+            _ => FrameError::Io(e),
+        })?;
+        body
+    } else {
+        let mut body = Vec::with_capacity(CHUNK);
+        r.take(len as u64).read_to_end(&mut body).await?;
+        if body.len() < len {
+            return Err(torn());
+        }
+        body
+    };
     decode(&body).map(Some)
 }
 
