@@ -284,8 +284,8 @@ where
         let outcome = tokio::select! {
             ch = connect_guest(listener, &spec, running) => match ch {
                 Ok(ch) => Ok(ch),
-                // A state that fails to load ends QEMU, and with it the channel; one that loads
-                // but whose guest never greets is as bad.
+                // A restored guest that did not come up: whether its saved state is to blame
+                // (QEMU refused it) is told below.
                 Err(e) if spec.incoming.is_some() => Err(e.to_string()),
                 Err(ChannelError::ReadyTimeout(limit)) if cold_retries > 0 => {
                     cold_retries -= 1;
