@@ -318,8 +318,10 @@ impl Service {
     }
 
     /// A temporary session of a size that started warm before (or that a `warm` request built)
-    /// now booted cold: its template was discarded (it stopped loading). Build a new one in the background, once per size
-    /// and service lifetime (a template that keeps failing is not rebuilt in a loop).
+    /// now booted cold: its template was discarded (it stopped loading). Build a new one in the
+    /// background, once per such cold start: the size is marked again only by a warm start or a
+    /// `warm` request, never by this rebuild, so a template that keeps failing is not rebuilt
+    /// in a loop.
     fn heal_warm_start(&self, ram_mb: u32, cpus: u32, start: api::StartKind) {
         let mut sizes = self
             .inner
