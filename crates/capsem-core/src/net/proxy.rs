@@ -269,7 +269,14 @@ impl Conn {
                 // Only a new upstream connection needs the TLS configuration (a cached one,
                 // checked against the extra bundle's mtime).
                 let tls = match self.sni.is_some().then(|| self.net.upstream_tls(&policy)) {
-                    Some(Err(e)) => return text(StatusCode::BAD_GATEWAY, format!("capsem: {e}\n")),
+                    Some(Err(e)) => {
+                        // The reason names host paths: it goes to the host's log, not the guest.
+                        tracing::warn!(error = %e, "upstream TLS settings unusable");
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            "capsem: the host's TLS settings for upstreams are unusable (see the session's process log)\n".into(),
+                        );
+                    }
                     Some(Ok(c)) => Some(c),
                     None => None,
                 };
@@ -282,9 +289,11 @@ impl Conn {
                     }
                     Err(Refused::Other(e)) => {
                         self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
+                        // Where an override points is the host's business, not the guest's.
+                        tracing::warn!(%host, %target, error = %e, "upstream unreachable");
                         return text(
                             StatusCode::BAD_GATEWAY,
-                            format!("capsem: cannot reach {host} ({target}): {e}\n"),
+                            format!("capsem: cannot reach {host}: {e}\n"),
                         );
                     }
                 }
