@@ -187,10 +187,32 @@ fn absolute(p: &Path) -> io::Result<PathBuf> {
     }
 }
 
-/// Last `n` non-empty lines of a text file, joined with " | " (for one-line error messages);
-/// empty when the file cannot be read.
+/// At most `max` bytes of the file at `path`, from byte `from` (`None`: the last `max` bytes),
+/// and where they start. For files a guest writes without limit (its console): a reader never
+/// holds more than it asked for. Nothing (at 0) when the file cannot be read.
+pub fn read_window(path: &Path, from: Option<u64>, max: u64) -> (Vec<u8>, u64) {
+    use std::io::{Read, Seek};
+    let mut buf = Vec::new();
+    let start = fs::File::open(path).and_then(|mut f| {
+        let start = match from {
+            Some(s) => s,
+            None => f.metadata()?.len().saturating_sub(max),
+        };
+        f.seek(io::SeekFrom::Start(start))?;
+        f.take(max).read_to_end(&mut buf)?;
+        Ok(start)
+    });
+    match start {
+        Ok(s) => (buf, s),
+        Err(_) => (Vec::new(), 0),
+    }
+}
+
+/// Last `n` non-empty lines of a text file (of its last 64 KiB), joined with " | " (for
+/// one-line error messages); empty when the file cannot be read.
 pub fn tail_of(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (end, _) = read_window(path, None, 64 << 10);
+    let text = String::from_utf8_lossy(&end);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
@@ -198,6 +220,18 @@ pub fn tail_of(path: &Path, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_window_keeps_the_end_or_reads_from_a_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("serial.log");
+        assert_eq!(read_window(&f, None, 4), (Vec::new(), 0));
+        std::fs::write(&f, b"0123456789").unwrap();
+        assert_eq!(read_window(&f, None, 4), (b"6789".to_vec(), 6));
+        assert_eq!(read_window(&f, None, 64), (b"0123456789".to_vec(), 0));
+        assert_eq!(read_window(&f, Some(3), 4), (b"3456".to_vec(), 3));
+        assert_eq!(read_window(&f, Some(20), 4), (Vec::new(), 20));
+    }
 
     #[test]
     fn ensure_makes_private_tree() {

@@ -280,8 +280,8 @@ pub fn drop_taken(dir: &Path) {
 /// Take a template out of use (its saved machine did not load, or a newer one replaces it):
 /// later sessions boot cold until one is built again. Sessions already restored from it keep
 /// their own links. A directory that is no longer the one `t` was found as (a newer build took
-/// its place) is left alone. Each removal is noted, with `why`, in [`discard_log`], so that
-/// "why do my sessions boot cold" has an answer.
+/// its place) is left alone. Each removal is noted, with `why`, in `warm/discarded.log`, so
+/// that "why do my sessions boot cold" has an answer.
 pub fn discard(t: &Template, why: &str) {
     if read_meta(&t.dir).is_some_and(|m| m.build == t.build) {
         remove_aside(&t.dir);
@@ -292,7 +292,7 @@ pub fn discard(t: &Template, why: &str) {
             t.build,
             why.replace('\n', " ")
         );
-        let log = discard_log(&t.dir);
+        let log = t.dir.with_file_name(DISCARD_LOG);
         if let Err(e) = crate::paths::private_log(&log).and_then(|mut f| {
             use std::io::Write;
             f.write_all(line.as_bytes())
@@ -302,20 +302,11 @@ pub fn discard(t: &Template, why: &str) {
     }
 }
 
-/// The last line of `assets`' [`discard_log`]: when, which and why the last template was taken
-/// out of use (`status` shows it).
+/// The last line of `assets`' `warm/discarded.log`: when, which and why the last template was
+/// taken out of use (`status` shows it).
 pub fn last_discard(assets: &Assets) -> Option<String> {
     let line = crate::paths::tail_of(&root(assets).join(DISCARD_LOG), 1);
     (!line.is_empty()).then_some(line)
-}
-
-/// The log of discarded templates, beside the templates of `dir`'s root (one line each: when,
-/// key, build id, why).
-pub fn discard_log(template_dir: &Path) -> PathBuf {
-    template_dir
-        .parent()
-        .unwrap_or(template_dir)
-        .join(DISCARD_LOG)
 }
 
 /// Rename `dir` aside (atomic for its readers), then remove it.

@@ -503,18 +503,12 @@ fn console_end(serial: &std::path::Path) -> u64 {
 /// Whether the agent has said on the console, after byte `from`, that the host hung up. (The
 /// console is bytes: a kernel line need not be UTF-8.)
 fn hangup_said_since(serial: &std::path::Path, from: u64) -> bool {
-    use std::io::{Read, Seek};
     const SAID: &[u8] = b"waiting for the host";
-    // At most this much of what follows `from` is read (the line comes at once, not after a
+    // At most 1 MiB of what follows `from` is read (the line comes at once, not after a
     // flood); the search starts a little before, in case the line straddles `from`.
-    const WINDOW: u64 = 1 << 20;
     let start = from.saturating_sub(SAID.len() as u64 - 1);
-    let mut text = Vec::new();
-    let read = std::fs::File::open(serial).and_then(|mut f| {
-        f.seek(std::io::SeekFrom::Start(start))?;
-        f.take(WINDOW).read_to_end(&mut text)
-    });
-    read.is_ok() && text.windows(SAID.len()).any(|w| w == SAID)
+    let (text, _) = crate::paths::read_window(serial, Some(start), 1 << 20);
+    text.windows(SAID.len()).any(|w| w == SAID)
 }
 
 /// Wait up to `limit` for the agent to say, after console byte `from`, that it saw a hang-up;

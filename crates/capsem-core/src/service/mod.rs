@@ -779,7 +779,7 @@ impl Service {
         let dir = self.home().session_dir(&id);
         let read = |f: &str| {
             // The guest writes the console, without limit: only its end is read.
-            let (raw, skipped) = read_end(&dir.join(f), LOGS_LIMIT);
+            let (raw, skipped) = crate::paths::read_window(&dir.join(f), None, LOGS_LIMIT);
             let mut text = String::from_utf8_lossy(&raw).replace('\r', "");
             if skipped > 0 && tail.is_none() {
                 text.insert_str(
@@ -926,23 +926,6 @@ async fn end_process(
 /// Most of one log `logs` returns (the end of it).
 const LOGS_LIMIT: u64 = 8 << 20;
 
-/// The last `max` bytes of `path` (nothing when it cannot be read), and how many came before.
-fn read_end(path: &std::path::Path, max: u64) -> (Vec<u8>, u64) {
-    use std::io::{Read, Seek};
-    let mut buf = Vec::new();
-    let skipped = std::fs::File::open(path).and_then(|mut f| {
-        let len = f.metadata()?.len();
-        let skip = len.saturating_sub(max);
-        f.seek(std::io::SeekFrom::Start(skip))?;
-        f.take(max).read_to_end(&mut buf)?;
-        Ok(skip)
-    });
-    match skipped {
-        Ok(s) => (buf, s),
-        Err(_) => (Vec::new(), 0),
-    }
-}
-
 /// A receiver that turns true when `pid` no longer exists (for adopted processes, which are not
 /// our children).
 fn watch_pid(pid: u32) -> watch::Receiver<bool> {
@@ -1059,17 +1042,4 @@ fn check_size(ram_mb: u32, cpus: u32) -> Result<(), HttpError> {
 
 fn internal(e: impl std::error::Error) -> HttpError {
     HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn read_end_keeps_the_end_and_counts_the_rest() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("serial.log");
-        assert_eq!(super::read_end(&f, 4), (Vec::new(), 0));
-        std::fs::write(&f, b"0123456789").unwrap();
-        assert_eq!(super::read_end(&f, 4), (b"6789".to_vec(), 6));
-        assert_eq!(super::read_end(&f, 64), (b"0123456789".to_vec(), 0));
-    }
 }
