@@ -169,6 +169,13 @@ pub fn try_lock(path: &Path) -> io::Result<Option<Lock>> {
     }
 }
 
+/// Take the exclusive lock on `path` (created 0600), waiting for another holder to let go.
+pub fn lock(path: &Path) -> io::Result<Lock> {
+    use nix::fcntl::{Flock, FlockArg};
+    Flock::lock(private_log(path)?, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
+}
+
 /// Open a log file for appending, creating it with mode 0600.
 pub fn private_log(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -87,23 +87,21 @@ where
     if len > max.min(MAX_FRAME) {
         return Err(FrameError::TooLarge(len, max.min(MAX_FRAME)));
     }
-    let torn = || FrameError::UnexpectedEof("the end of a frame");
-    let body = if len <= CHUNK {
-        // Small (nearly every frame): sized at once.
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => torn(),
-            _ => FrameError::Io(e),
-        })?;
-        body
-    } else {
-        let mut body = Vec::with_capacity(CHUNK);
-        r.take(len as u64).read_to_end(&mut body).await?;
-        if body.len() < len {
-            return Err(torn());
-        }
-        body
-    };
+    // Grown a chunk at a time as the bytes come (a frame of up to a chunk, nearly all of them,
+    // in one step).
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + (len - start).min(CHUNK), 0);
+        r.read_exact(&mut body[start..])
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    FrameError::UnexpectedEof("the end of a frame")
+                }
+                _ => FrameError::Io(e),
+            })?;
+    }
     decode(&body).map(Some)
 }
 

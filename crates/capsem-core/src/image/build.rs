@@ -8,8 +8,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use nix::fcntl::{Flock, FlockArg};
-
 use super::error::io_err;
 use super::kernel::{self, KernelPackage, KernelTree};
 use super::manifest::{self, FileEntry, Inputs, Manifest, Piece, BUILDER_FORMAT};
@@ -35,7 +33,7 @@ pub fn build(
     for dir in [&opts.assets_root, &opts.cache_dir] {
         fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     }
-    let _lock = BuildLock::acquire(&opts.assets_root, progress)?;
+    let _lock = build_lock(&opts.assets_root, progress)?;
     remove_leftovers(&opts.assets_root, &opts.cache_dir);
 
     let final_dir = version_dir(&opts.assets_root);
@@ -324,31 +322,19 @@ impl<'a> Steps<'a> {
     }
 }
 
-/// Held for the whole build: `flock` on `<assets_root>/.build.lock`.
-struct BuildLock {
-    _lock: Flock<File>,
-}
-
-impl BuildLock {
-    fn acquire(assets_root: &Path, progress: &dyn BuildProgress) -> Result<BuildLock, ImageError> {
-        let path = assets_root.join(".build.lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        let lock_err = |errno: nix::errno::Errno| io_err("lock", &path)(io::Error::from(errno));
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(BuildLock { _lock: lock }),
-            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
-                progress.detail("waiting for another image build to finish");
-                Flock::lock(file, FlockArg::LockExclusive)
-                    .map(|lock| BuildLock { _lock: lock })
-                    .map_err(|(_, errno)| lock_err(errno))
-            }
-            Err((_, errno)) => Err(lock_err(errno)),
+/// Held for the whole build: the lock on `<assets_root>/.build.lock`.
+fn build_lock(
+    assets_root: &Path,
+    progress: &dyn BuildProgress,
+) -> Result<crate::paths::Lock, ImageError> {
+    let path = assets_root.join(".build.lock");
+    match crate::paths::try_lock(&path) {
+        Ok(Some(lock)) => Ok(lock),
+        Ok(None) => {
+            progress.detail("waiting for another image build to finish");
+            crate::paths::lock(&path).map_err(io_err("lock", &path))
         }
+        Err(e) => Err(io_err("lock", &path)(e)),
     }
 }
 

@@ -82,10 +82,7 @@ impl Ca {
         let _creating = if missing() {
             crate::paths::private_dir(dir).map_err(io("create", dir))?;
             let lock_path = dir.join(".lock");
-            let file = crate::paths::private_log(&lock_path).map_err(io("open", &lock_path))?;
-            let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, errno)| io("lock", &lock_path)(std::io::Error::from(errno)))?;
-            Some(lock)
+            Some(crate::paths::lock(&lock_path).map_err(io("lock", &lock_path))?)
         } else {
             None
         };

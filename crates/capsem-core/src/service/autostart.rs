@@ -101,30 +101,24 @@ impl Target {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| AutostartError::Spawn {
+        let mut child = Some(cmd.spawn().map_err(|source| AutostartError::Spawn {
             bin: bin.clone(),
             source,
-        })?;
+        })?);
         let deadline = Instant::now() + START_LIMIT;
         while Instant::now() < deadline {
             if self.is_running().await {
                 return Ok(());
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                if status.code() == Some(i32::from(ALREADY_RUNNING)) {
-                    // Another command started one at the same moment: wait for that one.
-                    while Instant::now() < deadline {
-                        if self.is_running().await {
-                            return Ok(());
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    break;
+            if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+                if status.code() != Some(i32::from(ALREADY_RUNNING)) {
+                    return Err(AutostartError::Exited {
+                        status: status.to_string(),
+                        log: log_path,
+                    });
                 }
-                return Err(AutostartError::Exited {
-                    status: status.to_string(),
-                    log: log_path,
-                });
+                // Another command started one at the same moment: wait for that one.
+                child = None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -40,18 +40,12 @@ pub async fn setup(target: &Target, a: SetupArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Prepare warm starts for the default session size (see [`image_warm`]); a failed build is
-/// tried once more (a guest that hung once says little about the next). Not fatal: without it
-/// sessions boot cold.
+/// Prepare warm starts for the default session size (see [`image_warm`]; the build itself
+/// tries twice). Not fatal: without it sessions boot cold.
 async fn warm(target: &Target) {
-    for last in [false, true] {
-        match post_warm(target, &WarmRequest::default()).await {
-            Ok(r) => return print_warm(&r),
-            Err(e) if !last => {
-                eprintln!("capsem: warning: {}; trying once more", crate::render(&e))
-            }
-            Err(e) => eprintln!("capsem: warning: {}; sessions boot cold", crate::render(&e)),
-        }
+    match post_warm(target, &WarmRequest::default()).await {
+        Ok(r) => print_warm(&r),
+        Err(e) => eprintln!("capsem: warning: {}; sessions boot cold", crate::render(&e)),
     }
 }
 
