@@ -15,6 +15,7 @@ pub mod paths;
 pub mod policy;
 pub mod record;
 pub mod service;
+pub mod sock;
 pub mod telemetry;
 pub mod uds_http;
 pub mod warm;

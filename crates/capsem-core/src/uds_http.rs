@@ -2,14 +2,13 @@
 //! service uses to reach a per-VM process), the server loop, and raw-stream upgrades. Request and
 //! response bodies are JSON; errors come back as `{"error": "..."}`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::net::UnixStream;
 
 use crate::api::ErrorBody;
 
@@ -117,7 +116,7 @@ impl UdsClient {
 
     async fn connect(&self) -> Result<Sender, ClientError> {
         let stream =
-            UnixStream::connect(&self.path)
+            crate::sock::connect(&self.path)
                 .await
                 .map_err(|source| ClientError::Connect {
                     path: self.path.clone(),
@@ -274,15 +273,4 @@ pub fn switching_protocols() -> hyper::Response<axum::body::Body> {
         .header(hyper::header::UPGRADE, UPGRADE_PROTOCOL)
         .body(axum::body::Body::empty())
         .expect("static response")
-}
-
-/// Bind a UNIX socket (replacing a stale one) with mode 0600.
-pub fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let l = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
 }

@@ -21,8 +21,8 @@ fn start(value: &serde_json::Value) -> String {
     value["vm"]["start"].as_str().unwrap_or("").to_string()
 }
 
-/// Build this test's 1 GiB / 1 vCPU template; returns its directory.
-fn build_template(env: &Env) -> std::path::PathBuf {
+/// Ask for the 1 GiB / 1 vCPU template (`image warm --json`): its directory and the answer.
+fn warm_1g(env: &Env) -> (std::path::PathBuf, serde_json::Value) {
     let body = env.ok(&["image", "warm", "--ram", "1", "--cpu", "1", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
     let key = r["key"].as_str().unwrap();
@@ -33,7 +33,13 @@ fn build_template(env: &Env) -> std::path::PathBuf {
         .join(format!("v{}", env!("CARGO_PKG_VERSION")))
         .join("warm")
         .join(key);
-    assert!(dir.join("vm.state").is_file(), "{body}");
+    (dir, r)
+}
+
+/// Build this test's 1 GiB / 1 vCPU template; returns its directory.
+fn build_template(env: &Env) -> std::path::PathBuf {
+    let (dir, r) = warm_1g(env);
+    assert!(dir.join("vm.state").is_file(), "{r}");
     dir
 }
 
@@ -234,4 +240,45 @@ fn a_home_on_another_filesystem_than_its_image_still_starts_warm() {
     assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
     env.ok(&["delete", &id]);
     capsem_e2e::assert_nothing_left(&env);
+}
+
+#[test]
+fn a_home_deeper_than_a_socket_address_builds_templates_and_starts_sessions() {
+    // A socket address holds 107 bytes of path; a CI checkout or a long mount point puts the
+    // home's sockets (service, per-session API, guest channel, QMP, the template build's)
+    // beyond that. Every one must still bind and connect.
+    let outer = tempfile::Builder::new()
+        .prefix("capsem-e2e-deep-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let parent = outer.path().join("d".repeat(100));
+    std::fs::create_dir_all(&parent).unwrap();
+    let Some(env) = Env::new_in(parent.to_str().unwrap()) else {
+        return;
+    };
+    assert!(env.path().join("run/service.sock").as_os_str().len() > 107);
+    let started = env
+        .cmd(&["start"])
+        .env("CAPSEM_KERNEL_ARGS", "capsem.e2e=deep-home")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    // This test's own template is built here, in a directory as deep as the home (one left
+    // by an aborted run is built afresh, so the build itself is always tried).
+    let (tmpl, mut r) = warm_1g(&env);
+    if r["built"] != true {
+        std::fs::remove_dir_all(&tmpl).unwrap();
+        r = warm_1g(&env).1;
+    }
+    assert_eq!(r["built"], true, "{r}");
+    assert!(tmpl.join("vm.state").is_file(), "{r}");
+    let id = env
+        .ok(&["create", "--ram", "1", "--cpu", "1"])
+        .trim()
+        .to_string();
+    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
+    assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
+    env.ok(&["delete", &id]);
+    capsem_e2e::assert_nothing_left(&env);
+    std::fs::remove_dir_all(&tmpl).unwrap();
 }

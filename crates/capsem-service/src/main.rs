@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use capsem_core::paths::{self, Home};
 use capsem_core::service::{routes, Service};
-use capsem_core::uds_http::{self, UdsClient};
+use capsem_core::uds_http::UdsClient;
 use clap::Parser;
 
 /// The capsem background service (the CLI starts it when needed).
@@ -85,7 +85,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     {
         return Err(AlreadyRunning(sock).into());
     }
-    let listener = uds_http::bind_private(&sock)
+    let listener = capsem_core::sock::bind_private(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
     paths::write_private(
         &home.service_pid(),

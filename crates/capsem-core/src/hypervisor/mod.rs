@@ -44,16 +44,30 @@ pub struct VmSpec {
     pub disk: PathBuf,
     pub ram_mb: u32,
     pub cpus: u32,
-    /// UNIX socket the backend connects the guest channel to (capsem listens on it).
-    pub channel_socket: PathBuf,
-    /// UNIX socket for the backend's control protocol (QMP).
-    pub control_socket: PathBuf,
+    /// The VM's directory for its sockets: [`CHANNEL_SOCKET`], which the backend connects the
+    /// guest channel to (capsem listens on it), and [`CONTROL_SOCKET`], the backend's control
+    /// protocol (QMP). The backend names them relative to this directory, so their length
+    /// does not depend on how deep the home is.
+    pub socket_dir: PathBuf,
     pub serial_log: PathBuf,
     pub hostname: String,
     /// Extra `key=value` words for the guest kernel command line.
     pub cmdline_extra: Vec<String>,
     /// Resume from this saved state (RAM and devices) instead of booting.
     pub incoming: Option<PathBuf>,
+}
+
+/// File names of a VM's sockets in [`VmSpec::socket_dir`].
+pub const CHANNEL_SOCKET: &str = "channel.sock";
+pub const CONTROL_SOCKET: &str = "qmp.sock";
+
+impl VmSpec {
+    pub fn channel_socket(&self) -> PathBuf {
+        self.socket_dir.join(CHANNEL_SOCKET)
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.socket_dir.join(CONTROL_SOCKET)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

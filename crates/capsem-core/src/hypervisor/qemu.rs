@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
-use super::{Accel, Hypervisor, HypervisorError, RunningVm, VmSpec};
+use super::{
+    Accel, Hypervisor, HypervisorError, RunningVm, VmSpec, CHANNEL_SOCKET, CONTROL_SOCKET,
+};
 
 /// Line the agent prints in probe mode.
 pub const PROBE_MARKER: &str = "CAPSEM-PROBE-OK";
@@ -73,18 +75,16 @@ impl Qemu {
             "-chardev".into(),
             // reconnect: after a hang-up QEMU dials again (once the host listens again), so a
             // resumed guest that missed the suspend's hang-up can be hung up on and start a
-            // fresh session.
-            format!(
-                "socket,id=channel0,path={},reconnect=1",
-                p(&spec.channel_socket)
-            ),
+            // fresh session. Socket paths are relative to `socket_dir`, QEMU's working directory
+            // (an address holds 107 bytes of path; the home may be deeper).
+            format!("socket,id=channel0,path={CHANNEL_SOCKET},reconnect=1"),
             "-device".into(),
             format!(
                 "virtserialport,chardev=channel0,name={}",
                 capsem_proto::CHANNEL_PORT_NAME
             ),
             "-qmp".into(),
-            format!("unix:{},server=on,wait=off", p(&spec.control_socket)),
+            format!("unix:{CONTROL_SOCKET},server=on,wait=off"),
         ]);
         if let Some(state) = &spec.incoming {
             // `exec:` runs through /bin/sh: quote the path.
@@ -178,6 +178,7 @@ impl Hypervisor for Qemu {
     fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(self.args(spec))
+            .current_dir(&spec.socket_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -396,8 +397,7 @@ mod tests {
             disk: "/s/disk.qcow2".into(),
             ram_mb: 2048,
             cpus: 2,
-            channel_socket: "/s/channel.sock".into(),
-            control_socket: "/s/qmp.sock".into(),
+            socket_dir: "/s".into(),
             incoming: None,
             serial_log: "/s/serial.log".into(),
             hostname: "box".into(),
@@ -414,6 +414,9 @@ mod tests {
             "name=capsem.0",
             "capsem.hostname=box",
             "-no-reboot",
+            // Sockets are named relative to `socket_dir`, whatever its depth.
+            "socket,id=channel0,path=channel.sock,",
+            "unix:qmp.sock,server=on",
         ] {
             assert!(a.contains(want), "missing {want} in {a}");
         }

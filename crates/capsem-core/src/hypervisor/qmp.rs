@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -33,7 +32,7 @@ impl Qmp {
     pub async fn connect(path: &Path, wait: Duration) -> Result<Qmp, QmpError> {
         let end = tokio::time::Instant::now() + wait;
         let stream = loop {
-            match UnixStream::connect(path).await {
+            match crate::sock::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() >= end => {
                     return Err(QmpError::Connect(path.display().to_string(), e))

@@ -26,22 +26,19 @@ use crate::record::SessionRecord;
 /// Read by capsem-process, so set it where the service starts.
 pub const KERNEL_ARGS_ENV: &str = "CAPSEM_KERNEL_ARGS";
 
-/// The per-VM files QEMU and capsem share in a VM's directory: the guest channel's socket
-/// (capsem listens), QMP's socket (QEMU listens) and the serial console log.
-const CHANNEL_SOCKET: &str = "channel.sock";
-const QMP_SOCKET: &str = "qmp.sock";
+/// The serial console log in a VM's directory, beside the sockets QEMU and capsem share (the
+/// guest channel's, where capsem listens, and QMP's, where QEMU listens).
 const SERIAL_LOG: &str = "serial.log";
 
 /// Point `spec`'s channel, QMP socket and console log into `dir`.
 fn place(spec: &mut VmSpec, dir: &std::path::Path) {
-    spec.channel_socket = dir.join(CHANNEL_SOCKET);
-    spec.control_socket = dir.join(QMP_SOCKET);
+    spec.socket_dir = dir.to_path_buf();
     spec.serial_log = dir.join(SERIAL_LOG);
 }
 
 /// Remove the sockets [`place`] put in `dir` (the VM is gone).
 fn remove_sockets(dir: &std::path::Path) {
-    for f in [CHANNEL_SOCKET, QMP_SOCKET] {
+    for f in [hypervisor::CHANNEL_SOCKET, hypervisor::CONTROL_SOCKET] {
         let _ = std::fs::remove_file(dir.join(f));
     }
 }
@@ -246,8 +243,7 @@ where
         disk,
         ram_mb: record.ram_mb,
         cpus: record.cpus,
-        channel_socket: PathBuf::new(),
-        control_socket: PathBuf::new(),
+        socket_dir: PathBuf::new(),
         serial_log: PathBuf::new(),
         hostname: record.name.clone().unwrap_or_else(|| "capsem".into()),
         incoming: if own_state {
@@ -269,14 +265,14 @@ where
     // A cold boot that never reaches the handshake (a rare TCG hang) is tried once more.
     let mut cold_retries = 1;
     let (mut vm, channel) = loop {
-        let listener = bind(&spec.channel_socket)?;
+        let listener = bind(&spec.channel_socket())?;
         let mut vm = hv.launch(&spec)?;
         tracing::info!(id = %cfg.id, pid = vm.pid, accel = cfg.accel.as_str(), resume = spec.incoming.is_some(), "VM launched");
         let (running_tx, running) = tokio::sync::oneshot::channel();
         let resumer = spec
             .incoming
             .as_ref()
-            .map(|_| tokio::spawn(continue_after_load(spec.control_socket.clone(), running_tx)));
+            .map(|_| tokio::spawn(continue_after_load(spec.control_socket(), running_tx)));
         // Whether a failure proves the saved machine bad (QEMU refused it, or the guest refused
         // its identity) rather than only unlucky (no greeting in time, which a rare TCG hang
         // of a good machine also causes; a QEMU killed from outside; a channel that broke).
@@ -490,7 +486,7 @@ async fn connect_guest(
     let seen = hangup_seen(&spec.serial_log, before, RESUME_HANGUP_SEEN_LIMIT).await;
     tracing::debug!(seen, "listening for the resumed guest again");
     let listener =
-        crate::uds_http::bind_private(&spec.channel_socket).map_err(ChannelError::Accept)?;
+        crate::sock::bind_private(&spec.channel_socket()).map_err(ChannelError::Accept)?;
     GuestChannel::establish(&listener, CONNECT_LIMIT, RESUME_READY_LIMIT).await
 }
 
@@ -765,9 +761,10 @@ async fn save_machine(
 
 /// A QMP connection to the VM whose session files are in `dir`, which it has just paused.
 async fn paused(dir: &std::path::Path) -> Result<crate::hypervisor::qmp::Qmp, String> {
-    let mut q = crate::hypervisor::qmp::Qmp::connect(&dir.join(QMP_SOCKET), CONNECT_LIMIT)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut q =
+        crate::hypervisor::qmp::Qmp::connect(&dir.join(hypervisor::CONTROL_SOCKET), CONNECT_LIMIT)
+            .await
+            .map_err(|e| e.to_string())?;
     q.execute("stop", serde_json::Value::Null)
         .await
         .map_err(|e| e.to_string())?;
@@ -936,7 +933,7 @@ async fn make_template(
     spec.disk = staging.join(crate::disk::FIRST);
     hv.create_disk(&base, &spec.disk)?;
     place(&mut spec, staging);
-    let listener = bind(&spec.channel_socket)?;
+    let listener = bind(&spec.channel_socket())?;
     let mut vm = hv.launch(&spec)?;
     let channel =
         handshake_or_exit(&listener, &mut vm, READY_LIMIT, std::future::ready(())).await?;
@@ -977,10 +974,10 @@ async fn verify_template(
     spec.disk = top;
     place(&mut spec, &scratch);
     spec.incoming = Some(state.to_path_buf());
-    let listener = bind(&spec.channel_socket)?;
+    let listener = bind(&spec.channel_socket())?;
     let mut vm = hv.launch(&spec)?;
     let (running_tx, running) = tokio::sync::oneshot::channel();
-    let resumer = tokio::spawn(continue_after_load(spec.control_socket.clone(), running_tx));
+    let resumer = tokio::spawn(continue_after_load(spec.control_socket(), running_tx));
     let checked = async {
         let t = Instant::now();
         let running = async {
@@ -1026,7 +1023,7 @@ async fn warm_up(guest: &crate::channel::Guest, command: &str) -> Result<(), Ins
 }
 
 fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, InstanceError> {
-    crate::uds_http::bind_private(path).map_err(|source| InstanceError::Bind {
+    crate::sock::bind_private(path).map_err(|source| InstanceError::Bind {
         path: path.to_path_buf(),
         source,
     })

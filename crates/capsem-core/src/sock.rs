@@ -1,0 +1,127 @@
+//! UNIX socket paths of any length. A socket address holds at most 107 bytes of path, and a
+//! capsem home may sit deeper than that (a CI checkout, a home directory on a long mount). A
+//! longer path is reached through its directory's descriptor, `/proc/self/fd/N/<name>`, so
+//! every socket capsem binds or dials works wherever the home is.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Room in `sockaddr_un.sun_path`, less its terminating NUL.
+const SUN_PATH_MAX: usize = 107;
+
+/// A path short enough for a socket address, and the directory handle it goes through (held
+/// while the path is used).
+struct Short {
+    path: PathBuf,
+    _dir: Option<File>,
+}
+
+fn short(path: &Path) -> io::Result<Short> {
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return Ok(Short {
+            path: path.to_path_buf(),
+            _dir: None,
+        });
+    }
+    let too_long = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is too long even through its directory; use a shorter CAPSEM_HOME",
+                path.display()
+            ),
+        )
+    };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(too_long());
+    };
+    let dir = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(parent)?
+    };
+    let via = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&dir)
+    ))
+    .join(name);
+    if via.as_os_str().as_bytes().len() > SUN_PATH_MAX {
+        return Err(too_long());
+    }
+    Ok(Short {
+        path: via,
+        _dir: Some(dir),
+    })
+}
+
+/// Bind a UNIX socket at `path` (replacing a stale one) with mode 0600.
+pub fn bind_private(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let l = tokio::net::UnixListener::bind(short(path)?.path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Connect to the UNIX socket at `path`.
+pub async fn connect(path: &Path) -> io::Result<tokio::net::UnixStream> {
+    let s = short(path)?;
+    tokio::net::UnixStream::connect(&s.path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_socket_deeper_than_an_address_holds_binds_and_connects() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("channel.sock");
+        assert!(path.as_os_str().len() > 120);
+        // As it is, the path does not fit.
+        assert!(std::os::unix::net::UnixListener::bind(&path).is_err());
+
+        let l = bind_private(&path).unwrap();
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket(), "bound at the real path");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+        });
+        let mut c = connect(&path).await.unwrap();
+        let mut got = String::new();
+        c.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "hello");
+        server.await.unwrap();
+
+        // A stale socket is replaced.
+        drop(bind_private(&path).unwrap());
+    }
+
+    #[test]
+    fn a_short_path_is_used_as_it_is_and_an_overlong_name_is_refused() {
+        let s = short(Path::new("/run/x.sock")).unwrap();
+        assert_eq!(s.path, Path::new("/run/x.sock"));
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("d".repeat(100));
+        std::fs::create_dir_all(&deep).unwrap();
+        let e = match short(&deep.join("n".repeat(100))) {
+            Err(e) => e,
+            Ok(_) => panic!("an overlong name cannot fit"),
+        };
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("shorter CAPSEM_HOME"), "{e}");
+    }
+}
