@@ -63,12 +63,7 @@ fn main() {
     );
     // A second home whose service boots every session cold.
     let cold_env = capsem_e2e::Env::new().expect("guest image and binaries");
-    let started = cold_env
-        .cmd(&["start"])
-        .env(capsem_core::warm::WARM_ENV, "0")
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{started:?}");
+    cold_env.start_service_with(capsem_core::warm::WARM_ENV, "0");
     cold_env.ok(&["run", "true"]);
     let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
     let accel = status["accel"].as_str().unwrap_or("tcg").to_string();

@@ -155,6 +155,18 @@ impl Env {
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
 
+    /// Start this home's service with `var=value` in its environment (a fault switch, kernel
+    /// words, warm starts off); every session it runs sees it.
+    pub fn start_service_with(&self, var: &str, value: &str) {
+        let out = self.cmd(&["start"]).env(var, value).output().unwrap();
+        assert!(
+            out.status.success(),
+            "capsem start failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// One raw call to the service API (through curl, as a third-party client would):
     /// the HTTP status and the body.
     pub fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {

@@ -80,12 +80,7 @@ fn killed_process_takes_its_qemu_along() {
 fn a_session_deleted_while_it_boots_leaves_nothing() {
     let Some(env) = Env::new() else { return };
     // A cold boot (no warm start) leaves seconds to delete the session in.
-    let started = env
-        .cmd(&["start"])
-        .env("CAPSEM_WARM", "0")
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{started:?}");
+    env.start_service_with(capsem_core::warm::WARM_ENV, "0");
     let create = env
         .cmd(&["create", "--ram", "1", "--cpu", "1"])
         .stdout(Stdio::piped())

@@ -286,12 +286,7 @@ fn a_resumed_guest_that_missed_the_hang_up_is_recovered() {
     let Some(env) = Env::new() else { return };
     // A service whose suspends skip the hang-up: the saved guest is still in its old channel
     // session, the race that made resumes hang now and then.
-    let out = env
-        .cmd(&["start"])
-        .env(capsem_core::instance::FAULT_STALE_SUSPEND_ENV, "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    env.start_service_with(capsem_core::instance::FAULT_STALE_SUSPEND_ENV, "1");
     env.ok(&["create", "stale", "--ram", "1"]);
     env.ok(&["exec", "stale", "echo in-ram > /tmp/note"]);
     env.ok(&["suspend", "stale"]);

@@ -46,12 +46,7 @@ fn build_template(env: &Env) -> std::path::PathBuf {
 #[test]
 fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_rebuilt() {
     let Some(env) = Env::new() else { return };
-    let started = env
-        .cmd(&["start"])
-        .env("CAPSEM_KERNEL_ARGS", OWN_KEY_ARGS)
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{started:?}");
+    env.start_service_with("CAPSEM_KERNEL_ARGS", OWN_KEY_ARGS);
     let tmpl = build_template(&env);
     // `status` lists it.
     let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
@@ -257,12 +252,7 @@ fn a_home_deeper_than_a_socket_address_builds_templates_and_starts_sessions() {
         return;
     };
     assert!(env.path().join("run/service.sock").as_os_str().len() > 107);
-    let started = env
-        .cmd(&["start"])
-        .env("CAPSEM_KERNEL_ARGS", "capsem.e2e=deep-home")
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{started:?}");
+    env.start_service_with("CAPSEM_KERNEL_ARGS", "capsem.e2e=deep-home");
     // This test's own template is built here, in a directory as deep as the home (one left
     // by an aborted run is built afresh, so the build itself is always tried).
     let (tmpl, mut r) = warm_1g(&env);
