@@ -334,6 +334,11 @@ pub struct VersionResponse {
 pub struct EchoBenchRequest {
     pub count: u32,
     pub size: u32,
+    /// Idle this long before each echo (not timed, at most a second): an echo that follows a
+    /// quiet channel pays the wake-up of every thread and vCPU on its path, as an exec's
+    /// answer does after the guest ran the command.
+    #[serde(default)]
+    pub gap_us: u32,
 }
 
 /// Channel echo round trips measured inside capsem-process, microseconds.

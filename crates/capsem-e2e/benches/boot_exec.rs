@@ -10,6 +10,8 @@
 //! - P2: API exec round trip of `true` on a running session (p50), next to the channel echo p50
 //!   (measured inside capsem-process) and the guest's own spawn→reap time of `true` (p50, timed
 //!   in the guest). Added overhead = exec − echo − spawn.
+//!   Beside it, the same echo after the channel was quiet as long as that spawn: the share of
+//!   the overhead that is the path waking from idle.
 //! - Boot → exec-ready of `create`, and RSS of QEMU + capsem-process for an idle `--ram 4` session.
 
 use std::process::Stdio;
@@ -156,6 +158,21 @@ fn main() {
             &EchoBenchRequest {
                 count: n as u32 + 20,
                 size: 0,
+                gap_us: 0,
+            },
+        ))
+        .unwrap();
+    // The same echo after the channel was quiet as long as the guest's spawn takes: what the
+    // wake-up from idle of the threads and vCPUs on the path adds to an answer (exec's `Exit`
+    // comes after such a quiet spell).
+    let spawn_p50_us = (median(&mut spawn_ms) * 1000.0) as u32;
+    let quiet_echo: EchoBenchResponse = rt
+        .block_on(client.post(
+            &format!("/vms/{}/bench/echo", info.id),
+            &EchoBenchRequest {
+                count: n as u32 + 20,
+                size: 0,
+                gap_us: spawn_p50_us,
             },
         ))
         .unwrap();
@@ -163,7 +180,11 @@ fn main() {
     let mut api_echo_ms = Vec::new();
     rt.block_on(async {
         let path = format!("/vms/{}/bench/echo", info.id);
-        let one = EchoBenchRequest { count: 1, size: 0 };
+        let one = EchoBenchRequest {
+            count: 1,
+            size: 0,
+            gap_us: 0,
+        };
         for i in 0..n + 20 {
             let t = Instant::now();
             let _: EchoBenchResponse = client.post(&path, &one).await.unwrap();
@@ -173,6 +194,10 @@ fn main() {
         }
     });
     let mut echo_ms: Vec<f64> = echo.samples_us[20..]
+        .iter()
+        .map(|u| *u as f64 / 1000.0)
+        .collect();
+    let mut quiet_echo_ms: Vec<f64> = quiet_echo.samples_us[20..]
         .iter()
         .map(|u| *u as f64 / 1000.0)
         .collect();
@@ -204,6 +229,12 @@ fn main() {
         "   echo through the API                p50 {api_echo_p50:8.3} ms => host HTTP hops {:.3} ms; guest-side exec handling {:.3} ms",
         api_echo_p50 - echo_p50,
         exec_p50 - api_echo_p50 - spawn_p50
+    );
+    let quiet_echo_p50 = median(&mut quiet_echo_ms);
+    println!(
+        "   echo after {:.1} ms quiet           p50 {quiet_echo_p50:8.3} ms => waking from idle {:.3} ms of the overhead",
+        spawn_p50_us as f64 / 1000.0,
+        quiet_echo_p50 - echo_p50
     );
     println!(
         "P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms)",

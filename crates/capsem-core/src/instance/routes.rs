@@ -274,8 +274,12 @@ async fn echo_bench(
 ) -> ApiResult<EchoBenchResponse> {
     let count = req.count.min(100_000);
     let size = (req.size as usize).min(capsem_proto::frame::CHUNK);
+    let gap = Duration::from_micros(req.gap_us.min(1_000_000).into());
     let mut samples_us = Vec::with_capacity(count as usize);
     for _ in 0..count {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         let d = inst.guest.echo(vec![0x5a; size]).await?;
         samples_us.push(d.as_micros() as u64);
     }
