@@ -18,8 +18,14 @@ struct Short {
     _dir: Option<File>,
 }
 
+/// Whether `path` fits a socket address as it is. One that does not is still reached by capsem
+/// (through its directory), but not by other clients such as `curl --unix-socket`.
+pub fn fits_address(path: &Path) -> bool {
+    path.as_os_str().len() <= SUN_PATH_MAX
+}
+
 fn short(path: &Path) -> io::Result<Short> {
-    if path.as_os_str().len() <= SUN_PATH_MAX {
+    if fits_address(path) {
         return Ok(Short {
             path: path.to_path_buf(),
             _dir: None,

@@ -253,6 +253,9 @@ fn a_home_deeper_than_a_socket_address_builds_templates_and_starts_sessions() {
     };
     assert!(env.path().join("run/service.sock").as_os_str().len() > 107);
     env.start_service_with("CAPSEM_KERNEL_ARGS", "capsem.e2e=deep-home");
+    // Other clients cannot dial such a socket; `status` says so.
+    let status = env.ok(&["status"]);
+    assert!(status.contains("too long for other clients"), "{status}");
     // This test's own template is built here, in a directory as deep as the home (one left
     // by an aborted run is built afresh, so the build itself is always tried).
     let (tmpl, mut r) = warm_1g(&env);

@@ -24,6 +24,11 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<i32> {
     println!("service: running (pid {}, version {})", s.pid, s.version);
     println!("  home      {}", s.home);
     println!("  socket    {}", target.socket.display());
+    if !capsem_core::sock::fits_address(&target.socket) {
+        println!(
+            "            (too long for other clients such as `curl --unix-socket`; for them, start the service with --uds-path at a shorter path)"
+        );
+    }
     println!("  sessions  {}", s.sessions);
     println!(
         "  accel     {}",
