@@ -334,9 +334,10 @@ pub struct VersionResponse {
 pub struct EchoBenchRequest {
     pub count: u32,
     pub size: u32,
-    /// Idle this long before each echo (not timed, at most a second): an echo that follows a
-    /// quiet channel pays the wake-up of every thread and vCPU on its path, as an exec's
-    /// answer does after the guest ran the command.
+    /// Idle this long before each echo (not timed; at most a second, a minute in all, rounded
+    /// up to whole milliseconds by tokio's timer): an echo that follows a quiet channel pays
+    /// the wake-up of every thread and vCPU on its path, as an exec's answer does after the
+    /// guest ran the command.
     #[serde(default)]
     pub gap_us: u32,
 }

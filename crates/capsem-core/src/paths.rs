@@ -22,7 +22,7 @@ impl Home {
     /// `$CAPSEM_HOME`, else `~/.capsem`.
     pub fn from_env() -> io::Result<Self> {
         if let Some(h) = std::env::var_os(HOME_ENV).filter(|v| !v.is_empty()) {
-            return Ok(Home::new(absolute(Path::new(&h))?));
+            return Ok(Home::new(std::path::absolute(Path::new(&h))?));
         }
         let home = std::env::var_os("HOME").ok_or_else(|| {
             io::Error::new(
@@ -30,7 +30,9 @@ impl Home {
                 "neither CAPSEM_HOME nor HOME is set",
             )
         })?;
-        Ok(Home::new(PathBuf::from(home).join(".capsem")))
+        Ok(Home::new(std::path::absolute(
+            PathBuf::from(home).join(".capsem"),
+        )?))
     }
 
     pub fn root(&self) -> &Path {
@@ -184,14 +186,6 @@ pub fn private_log(path: &Path) -> io::Result<fs::File> {
         .append(true)
         .mode(0o600)
         .open(path)
-}
-
-fn absolute(p: &Path) -> io::Result<PathBuf> {
-    if p.is_absolute() {
-        Ok(p.to_path_buf())
-    } else {
-        Ok(std::env::current_dir()?.join(p))
-    }
 }
 
 /// At most `max` bytes of the file at `path`, from byte `from` (`None`: the last `max` bytes),

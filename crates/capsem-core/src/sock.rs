@@ -11,11 +11,32 @@ use std::path::{Path, PathBuf};
 /// Room in `sockaddr_un.sun_path`, less its terminating NUL.
 const SUN_PATH_MAX: usize = 107;
 
-/// A path short enough for a socket address, and the directory handle it goes through (held
-/// while the path is used).
+/// A path short enough for a socket address, and the directory handle it goes through: keep
+/// the `Short` alive until the bind or connect has happened, or the descriptor number may
+/// already name another file.
 struct Short {
     path: PathBuf,
-    _dir: Option<File>,
+    dir: Option<File>,
+}
+
+impl Short {
+    /// Explain a failure of the `/proc` route itself (no `/proc` in this sandbox); any other
+    /// error (no socket there, nobody listening) is returned as it is.
+    fn explain(&self, real: &Path, e: io::Error) -> io::Error {
+        let route_works = self.path.parent().is_some_and(Path::is_dir);
+        if self.dir.is_none() || route_works {
+            return e;
+        }
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach the socket {} through {} ({e}); is /proc mounted? Otherwise use a \
+                 shorter CAPSEM_HOME or --uds-path",
+                real.display(),
+                self.path.display()
+            ),
+        )
+    }
 }
 
 /// Whether `path` fits a socket address as it is. One that does not is still reached by capsem
@@ -28,14 +49,14 @@ fn short(path: &Path) -> io::Result<Short> {
     if fits_address(path) {
         return Ok(Short {
             path: path.to_path_buf(),
-            _dir: None,
+            dir: None,
         });
     }
     let too_long = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "socket path {} is too long even through its directory; use a shorter CAPSEM_HOME",
+                "socket path {} is too long even through its directory; use a shorter CAPSEM_HOME or --uds-path",
                 path.display()
             ),
         )
@@ -60,7 +81,7 @@ fn short(path: &Path) -> io::Result<Short> {
     }
     Ok(Short {
         path: via,
-        _dir: Some(dir),
+        dir: Some(dir),
     })
 }
 
@@ -70,15 +91,19 @@ pub fn bind_private(path: &Path) -> io::Result<tokio::net::UnixListener> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
-    let l = tokio::net::UnixListener::bind(short(path)?.path)?;
+    let via = short(path)?;
+    let l = tokio::net::UnixListener::bind(&via.path).map_err(|e| via.explain(path, e))?;
+    drop(via);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
 
 /// Connect to the UNIX socket at `path`.
 pub async fn connect(path: &Path) -> io::Result<tokio::net::UnixStream> {
-    let s = short(path)?;
-    tokio::net::UnixStream::connect(&s.path).await
+    let via = short(path)?;
+    tokio::net::UnixStream::connect(&via.path)
+        .await
+        .map_err(|e| via.explain(path, e))
 }
 
 #[cfg(test)]
@@ -114,6 +139,10 @@ mod tests {
 
         // A stale socket is replaced.
         drop(bind_private(&path).unwrap());
+        // Nobody there: the error is the plain one, which callers (the service's starter) act on.
+        let e = connect(&deep.join("none.sock")).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(!e.to_string().contains("/proc"), "{e}");
     }
 
     #[test]

@@ -289,12 +289,15 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// The QEMU binary, as an absolute path: QEMU is started in the VM's directory, where a
+/// relative one would not be found.
 pub fn qemu_binary() -> Result<PathBuf, HypervisorError> {
     match std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()) {
         Some(p) => {
             let p = PathBuf::from(p);
             if p.is_file() {
-                Ok(p)
+                std::path::absolute(&p)
+                    .map_err(|_| HypervisorError::QemuMissing(p.display().to_string()))
             } else {
                 Err(HypervisorError::QemuMissing(p.display().to_string()))
             }
@@ -304,7 +307,7 @@ pub fn qemu_binary() -> Result<PathBuf, HypervisorError> {
     }
 }
 
-/// First executable called `name` on PATH.
+/// First executable called `name` on PATH, as an absolute path (a PATH entry may be relative).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
@@ -315,6 +318,7 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
                 .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
                 .unwrap_or(false)
         })
+        .and_then(|p| std::path::absolute(p).ok())
 }
 
 /// The host TSC frequency in kHz, from `/proc/cpuinfo`'s "cpu MHz".

@@ -274,7 +274,14 @@ async fn echo_bench(
 ) -> ApiResult<EchoBenchResponse> {
     let count = req.count.min(100_000);
     let size = (req.size as usize).min(capsem_proto::frame::CHUNK);
+    // tokio's timer counts whole milliseconds: a gap under 1 ms sleeps about 1 ms.
     let gap = Duration::from_micros(req.gap_us.min(1_000_000).into());
+    // No more than a minute of quiet in all.
+    let count = if gap.is_zero() {
+        count
+    } else {
+        count.min((60_000_000 / gap.as_micros()).max(1) as u32)
+    };
     let mut samples_us = Vec::with_capacity(count as usize);
     for _ in 0..count {
         if !gap.is_zero() {
