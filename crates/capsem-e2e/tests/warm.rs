@@ -281,3 +281,59 @@ fn a_home_deeper_than_a_socket_address_builds_templates_and_starts_sessions() {
     capsem_e2e::assert_nothing_left(&env);
     let _ = std::fs::remove_dir_all(&tmpl);
 }
+
+#[test]
+fn a_template_made_for_another_configuration_is_replaced_after_a_cold_start() {
+    // After a QEMU upgrade (or other guest kernel words) the template of a size no longer
+    // matches: sessions of that size boot cold, and the service builds a matching template by
+    // itself. A size no other test builds (publishing sweeps a size's other templates).
+    let Some(env) = Env::new() else { return };
+    env.start_service_with("CAPSEM_KERNEL_ARGS", "capsem.e2e=stale-a");
+    let (old, mut r) = warm_template(&env, 3, 1);
+    if r["built"] != true {
+        std::fs::remove_dir_all(&old).unwrap();
+        r = warm_template(&env, 3, 1).1;
+    }
+    assert_eq!(r["built"], true, "{r}");
+    env.ok(&["stop"]);
+
+    env.start_service_with("CAPSEM_KERNEL_ARGS", "capsem.e2e=stale-b");
+    let create = || {
+        env.ok(&["create", "--ram", "3", "--cpu", "1"])
+            .trim()
+            .to_string()
+    };
+    let id = create();
+    assert_eq!(start(&env.info(&id)), "cold", "{}", env.session_logs());
+    env.ok(&["delete", &id]);
+    let warm_dir = old.parent().unwrap().to_path_buf();
+    let replacement = || {
+        std::fs::read_dir(&warm_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with("3072m1c-")
+                    && !name.contains('.')
+                    && *p != old
+                    && p.join("warm.json").is_file()
+            })
+    };
+    assert!(
+        env.wait_until(Duration::from_secs(180), || replacement().is_some()),
+        "no template for the new configuration: {}",
+        std::fs::read_to_string(env.path().join("run/service.log")).unwrap_or_default()
+    );
+    assert!(
+        !old.exists(),
+        "the old configuration's template is still there"
+    );
+    let id = create();
+    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
+    env.ok(&["delete", &id]);
+    capsem_e2e::assert_nothing_left(&env);
+    if let Some(new) = replacement() {
+        let _ = std::fs::remove_dir_all(new);
+    }
+}

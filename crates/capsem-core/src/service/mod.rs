@@ -76,6 +76,9 @@ struct Inner {
     warming: Mutex<()>,
     /// Sizes (MiB, CPUs) a temporary session has started warm at, since this service started.
     warm_sizes: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// Sizes whose template, made for another configuration, this service has replaced (or
+    /// tried to) since it started.
+    stale_sizes: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
 }
 
 #[derive(Clone)]
@@ -92,6 +95,7 @@ impl Service {
                 accel: OnceCell::new(),
                 warming: Mutex::new(()),
                 warm_sizes: Default::default(),
+                stale_sizes: Default::default(),
             }),
         }
     }
@@ -311,17 +315,20 @@ impl Service {
         let start = spawned.info.start;
         self.mark_running(&id, spawned, exited_tx, exited_rx)
             .await?;
-        if !record.persistent {
+        // Only a fresh temporary session could have started warm.
+        if !record.persistent && source.is_none() {
             self.heal_warm_start(ram_mb, cpus, start);
         }
         self.info(&id).await
     }
 
-    /// A temporary session of a size that started warm before (or that a `warm` request built)
-    /// now booted cold: its template was discarded (it stopped loading). Build a new one in the
-    /// background, once per such cold start: the size is marked again only by a warm start or a
-    /// `warm` request, never by this rebuild, so a template that keeps failing is not rebuilt
-    /// in a loop.
+    /// A fresh temporary session booted cold although its size has a template: either it
+    /// started warm before (or a `warm` request built it) and the template was discarded since
+    /// (it stopped loading), or the template there was made for another configuration (another
+    /// QEMU build, other guest kernel words). Build a new one in the background, once per such
+    /// cold start: the size is marked again only by a warm start or a `warm` request, never by
+    /// this rebuild, and a template of another configuration is replaced once per service, so
+    /// a template that keeps failing is not rebuilt in a loop.
     fn heal_warm_start(&self, ram_mb: u32, cpus: u32, start: api::StartKind) {
         let mut sizes = self
             .inner
@@ -332,7 +339,10 @@ impl Service {
             api::StartKind::Warm => {
                 sizes.insert((ram_mb, cpus));
             }
-            api::StartKind::Cold if crate::warm::enabled() && sizes.remove(&(ram_mb, cpus)) => {
+            api::StartKind::Cold
+                if crate::warm::enabled()
+                    && (sizes.remove(&(ram_mb, cpus)) || self.first_stale(ram_mb, cpus)) =>
+            {
                 let svc = self.clone();
                 tokio::spawn(async move {
                     match svc.build_warm(ram_mb, cpus).await {
@@ -347,6 +357,23 @@ impl Service {
             }
             _ => {}
         }
+    }
+
+    /// Whether a template of this size is there (one made for another configuration, as a
+    /// session of this size just booted cold) and this service has not replaced it yet.
+    fn first_stale(&self, ram_mb: u32, cpus: u32) -> bool {
+        let there = self.assets().is_ok_and(|a| {
+            crate::warm::usable(&a)
+                .iter()
+                .any(|m| m.ram_mb == ram_mb && m.cpus == cpus)
+        });
+        there
+            && self
+                .inner
+                .stale_sizes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((ram_mb, cpus))
     }
 
     /// A session's process is up: record it, and watch for its end. A session deleted while it
