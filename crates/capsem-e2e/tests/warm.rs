@@ -41,6 +41,29 @@ fn warm_template(env: &Env, ram_gib: u32, cpus: u32) -> (std::path::PathBuf, ser
     (dir, r)
 }
 
+/// A session of `size` (`create` arguments) starts warm and runs a command; then it is deleted
+/// and nothing of it is left.
+fn a_session_starts_warm(env: &Env, size: &[&str]) {
+    let id = env.ok(&[&["create"], size].concat()).trim().to_string();
+    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
+    assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
+    env.ok(&["delete", &id]);
+    capsem_e2e::assert_nothing_left(env);
+}
+
+/// Build a template of `ram_gib` GiB and `cpus` vCPUs afresh (one left by an aborted run is
+/// removed first, so the build itself is always tried); returns its directory.
+fn build_fresh_template(env: &Env, ram_gib: u32, cpus: u32) -> std::path::PathBuf {
+    let (dir, mut r) = warm_template(env, ram_gib, cpus);
+    if r["built"] != true {
+        std::fs::remove_dir_all(&dir).unwrap();
+        r = warm_template(env, ram_gib, cpus).1;
+    }
+    assert_eq!(r["built"], true, "{r}");
+    assert!(dir.join("vm.state").is_file(), "{r}");
+    dir
+}
+
 /// Build this test's 1 GiB / 1 vCPU template; returns its directory.
 fn build_template(env: &Env) -> std::path::PathBuf {
     let (dir, r) = warm_template(env, 1, 1);
@@ -181,13 +204,7 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_
         "no new template: {}",
         std::fs::read_to_string(env.path().join("run/warm.log")).unwrap_or_default()
     );
-    let id = env
-        .ok(&["create", "--ram", "1", "--cpu", "1"])
-        .trim()
-        .to_string();
-    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
-    env.ok(&["delete", &id]);
-    capsem_e2e::assert_nothing_left(&env);
+    a_session_starts_warm(&env, &["--ram", "1", "--cpu", "1"]);
     // This test's template is of no use to anyone else.
     let _ = std::fs::remove_dir_all(&tmpl);
 }
@@ -235,11 +252,7 @@ fn a_home_on_another_filesystem_than_its_image_still_starts_warm() {
         return;
     };
     // The default size: `capsem setup` saved its template.
-    let id = env.ok(&["create"]).trim().to_string();
-    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
-    assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
-    env.ok(&["delete", &id]);
-    capsem_e2e::assert_nothing_left(&env);
+    a_session_starts_warm(&env, &[]);
 }
 
 #[test]
@@ -261,24 +274,11 @@ fn a_home_deeper_than_a_socket_address_builds_templates_and_starts_sessions() {
     // Other clients cannot dial such a socket; `status` says so.
     let status = env.ok(&["status"]);
     assert!(status.contains("too long for other clients"), "{status}");
-    // This test's own template is built here, in a directory as deep as the home (one left
-    // by an aborted run is built afresh, so the build itself is always tried). Its size is one
-    // no other test builds: publishing a template discards those of its size under other keys.
-    let (tmpl, mut r) = warm_template(&env, 2, 1);
-    if r["built"] != true {
-        std::fs::remove_dir_all(&tmpl).unwrap();
-        r = warm_template(&env, 2, 1).1;
-    }
-    assert_eq!(r["built"], true, "{r}");
-    assert!(tmpl.join("vm.state").is_file(), "{r}");
-    let id = env
-        .ok(&["create", "--ram", "2", "--cpu", "1"])
-        .trim()
-        .to_string();
-    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
-    assert_eq!(env.ok(&["exec", &id, "echo $((6*7))"]).trim(), "42");
-    env.ok(&["delete", &id]);
-    capsem_e2e::assert_nothing_left(&env);
+    // This test's own template is built here, in a directory as deep as the home. Its size is
+    // one no other test builds: publishing a template discards those of its size under other
+    // keys.
+    let tmpl = build_fresh_template(&env, 2, 1);
+    a_session_starts_warm(&env, &["--ram", "2", "--cpu", "1"]);
     let _ = std::fs::remove_dir_all(&tmpl);
 }
 
@@ -289,21 +289,14 @@ fn a_template_made_for_another_configuration_is_replaced_after_a_cold_start() {
     // itself. A size no other test builds (publishing sweeps a size's other templates).
     let Some(env) = Env::new() else { return };
     env.start_service_with("CAPSEM_KERNEL_ARGS", "capsem.e2e=stale-a");
-    let (old, mut r) = warm_template(&env, 3, 1);
-    if r["built"] != true {
-        std::fs::remove_dir_all(&old).unwrap();
-        r = warm_template(&env, 3, 1).1;
-    }
-    assert_eq!(r["built"], true, "{r}");
+    let old = build_fresh_template(&env, 3, 1);
     env.ok(&["stop"]);
 
     env.start_service_with("CAPSEM_KERNEL_ARGS", "capsem.e2e=stale-b");
-    let create = || {
-        env.ok(&["create", "--ram", "3", "--cpu", "1"])
-            .trim()
-            .to_string()
-    };
-    let id = create();
+    let id = env
+        .ok(&["create", "--ram", "3", "--cpu", "1"])
+        .trim()
+        .to_string();
     assert_eq!(start(&env.info(&id)), "cold", "{}", env.session_logs());
     env.ok(&["delete", &id]);
     let warm_dir = old.parent().unwrap().to_path_buf();
@@ -329,10 +322,7 @@ fn a_template_made_for_another_configuration_is_replaced_after_a_cold_start() {
         !old.exists(),
         "the old configuration's template is still there"
     );
-    let id = create();
-    assert_eq!(start(&env.info(&id)), "warm", "{}", env.session_logs());
-    env.ok(&["delete", &id]);
-    capsem_e2e::assert_nothing_left(&env);
+    a_session_starts_warm(&env, &["--ram", "3", "--cpu", "1"]);
     if let Some(new) = replacement() {
         let _ = std::fs::remove_dir_all(new);
     }
