@@ -178,6 +178,13 @@ pub fn lock(path: &Path) -> io::Result<Lock> {
         .map_err(|(_, errno)| io::Error::from(errno))
 }
 
+/// `name` in the directory open as `dir`, reached through the descriptor
+/// (`/proc/self/fd/N/<name>`): whatever is renamed over the directory's path meanwhile, and
+/// however deep that path is.
+pub fn via_fd(dir: &impl std::os::fd::AsRawFd, name: impl AsRef<Path>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
+}
+
 /// Open a log file for appending, creating it with mode 0600.
 pub fn private_log(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -71,11 +71,7 @@ fn short(path: &Path) -> io::Result<Short> {
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
             .open(parent)?
     };
-    let via = PathBuf::from(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&dir)
-    ))
-    .join(name);
+    let via = crate::paths::via_fd(&dir, name);
     if via.as_os_str().as_bytes().len() > SUN_PATH_MAX {
         return Err(too_long());
     }

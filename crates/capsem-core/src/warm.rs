@@ -35,7 +35,7 @@ pub const WARM_ENV: &str = "CAPSEM_WARM";
 /// The template's description file.
 pub const META_FILE: &str = "warm.json";
 /// The log of discarded templates, in the templates' root (see [`discard`]).
-const DISCARD_LOG: &str = "discarded.log";
+pub const DISCARD_LOG: &str = "discarded.log";
 /// The template's saved machine.
 pub const STATE_FILE: &str = "vm.state";
 
@@ -211,8 +211,7 @@ pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, Warm
     use std::os::fd::AsRawFd;
     let io = |p: &Path, e: io::Error| WarmError::Io(p.to_path_buf(), e);
     let handle = std::fs::File::open(&t.dir).map_err(|e| io(&t.dir, e))?;
-    let via_handle =
-        |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
+    let via_handle = |name: &str| crate::paths::via_fd(&handle, name);
     if read_meta(&via_handle("")).is_none_or(|m| m.build != t.build) {
         return Err(io(
             &t.dir,

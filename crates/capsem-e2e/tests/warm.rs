@@ -179,7 +179,8 @@ fn restored_sessions_are_separate_machines_and_a_bad_template_boots_cold_and_is_
     assert!(!tmpl.exists(), "the bad template is still in use");
     // The removal is noted, with QEMU's refusal as the reason.
     let key = tmpl.file_name().unwrap().to_string_lossy().into_owned();
-    let noted = std::fs::read_to_string(tmpl.with_file_name("discarded.log")).unwrap_or_default();
+    let noted = std::fs::read_to_string(tmpl.with_file_name(capsem_core::warm::DISCARD_LOG))
+        .unwrap_or_default();
     assert!(
         noted
             .lines()

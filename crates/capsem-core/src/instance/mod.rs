@@ -541,7 +541,6 @@ async fn handshake_or_exit(
     }
 }
 
-/// How a VM process ended, in words.
 /// Whether QEMU's end, before its restored guest was in, condemns the saved state: QEMU exits
 /// by itself when the state does not load (with an error) or when the restored guest powers
 /// off or panics at once. A signal (the OOM killer, a user) says nothing about the state.
@@ -549,6 +548,7 @@ fn refused_state(status: &std::io::Result<std::process::ExitStatus>) -> bool {
     status.as_ref().is_ok_and(|s| s.code().is_some())
 }
 
+/// How a VM process ended, in words.
 fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
     status
         .map(|s| s.to_string())

@@ -36,15 +36,13 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
     !(ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_multicast()
-        // unique local fc00::/7, link-local fe80::/10
-        || (first & 0xfe00) == 0xfc00
-        || (first & 0xffc0) == 0xfe80
+        || ip.is_unique_local()
+        || ip.is_unicast_link_local()
         // documentation 2001:db8::/32
-        || (first == 0x2001 && ip.segments()[1] == 0x0db8))
+        || (ip.segments()[0] == 0x2001 && ip.segments()[1] == 0x0db8))
 }
 
 /// Resolve `target` (`host:port`) and keep its public addresses; when it resolves to none, the

@@ -128,6 +128,7 @@ impl Service {
                 Err(_) if !record.persistent => {
                     tracing::info!(id = %record.id, "removing leftover ephemeral session");
                     let _ = std::fs::remove_dir_all(&dir);
+                    let _ = std::fs::remove_file(self.home().instance_socket(&record.id));
                 }
                 Err(_) => {
                     let (_tx, rx) = watch::channel(true);
@@ -308,7 +309,7 @@ impl Service {
             Ok(s) => s,
             Err(e) => {
                 self.inner.sessions.lock().await.remove(&id);
-                let _ = std::fs::remove_dir_all(&dir);
+                self.remove_session_files(&id);
                 return Err(e);
             }
         };
@@ -376,6 +377,12 @@ impl Service {
                 .insert((ram_mb, cpus))
     }
 
+    /// Remove what a session leaves on disk: its directory and its process's socket.
+    fn remove_session_files(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(self.home().session_dir(id));
+        let _ = std::fs::remove_file(self.home().instance_socket(id));
+    }
+
     /// A session's process is up: record it, and watch for its end. A session deleted while it
     /// booted (its process had no socket yet to be told) has its process ended here instead,
     /// and the caller gets the 409 that says so.
@@ -407,8 +414,7 @@ impl Service {
                 let _ = exited_tx.send(true);
                 if gone {
                     // The delete is over: what the process made after it is ours to remove.
-                    let _ = std::fs::remove_dir_all(self.home().session_dir(id));
-                    let _ = std::fs::remove_file(self.home().instance_socket(id));
+                    self.remove_session_files(id);
                 }
                 return Err(HttpError::new(
                     StatusCode::CONFLICT,
@@ -765,8 +771,7 @@ impl Service {
             let client = UdsClient::new(self.home().instance_socket(&id));
             end_process(&id, &client, "/kill", exited, pid, Duration::from_secs(5)).await;
         }
-        let _ = std::fs::remove_dir_all(self.home().session_dir(&id));
-        let _ = std::fs::remove_file(self.home().instance_socket(&id));
+        self.remove_session_files(&id);
         self.inner.sessions.lock().await.remove(&id);
         tracing::debug!(%id, "delete: done");
         Ok(id)
