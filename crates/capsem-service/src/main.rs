@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use capsem_core::paths::{self, Home};
+use capsem_core::service::autostart::{self, ClaimError};
 use capsem_core::service::{routes, Service};
-use capsem_core::uds_http::UdsClient;
 use clap::Parser;
 
 /// The capsem background service (the CLI starts it when needed).
@@ -35,9 +35,14 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     match rt.block_on(serve(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) if e.is::<AlreadyRunning>() => {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<ClaimError>(),
+                Some(ClaimError::AlreadyRunning(_))
+            ) =>
+        {
             eprintln!("capsem-service: {e:#}");
-            std::process::ExitCode::from(capsem_core::service::autostart::ALREADY_RUNNING)
+            std::process::ExitCode::from(autostart::ALREADY_RUNNING)
         }
         Err(e) => {
             eprintln!("capsem-service: {e:#}");
@@ -45,22 +50,6 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-
-/// Another service has this socket (or is starting on it).
-#[derive(Debug)]
-struct AlreadyRunning(PathBuf);
-
-impl std::fmt::Display for AlreadyRunning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "a capsem service is already running on {}",
-            self.0.display()
-        )
-    }
-}
-
-impl std::error::Error for AlreadyRunning {}
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let home = Home::from_env().context("cannot find the capsem home")?;
@@ -70,23 +59,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = sock.parent() {
         paths::private_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    // One service per socket for its whole life: two started at once (two first commands)
-    // must not both bind it, the second unlinking the first's.
-    let lock_path = sock.with_extension("lock");
-    let Some(_lock) = paths::try_lock(&lock_path)
-        .with_context(|| format!("cannot lock {}", lock_path.display()))?
-    else {
-        return Err(AlreadyRunning(sock).into());
-    };
-    if UdsClient::new(&sock)
-        .get::<capsem_core::api::VersionResponse>("/version")
-        .await
-        .is_ok()
-    {
-        return Err(AlreadyRunning(sock).into());
-    }
-    let listener = capsem_core::sock::bind_private(&sock)
-        .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    // One service per socket, for its whole life.
+    let (_lock, listener) = autostart::claim(&sock).await?;
     paths::write_private(
         &home.service_pid(),
         std::process::id().to_string().as_bytes(),

@@ -1,7 +1,7 @@
 //! Reaching the service from a front end (CLI, MCP): connect to its socket, and start
 //! `capsem-service` detached when nothing answers. Front ends must not start it any other way.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,39 @@ const START_LIMIT: Duration = Duration::from_secs(15);
 /// `capsem-service`'s exit code when another service has its socket (EX_TEMPFAIL): a starter
 /// then waits for that one instead of failing.
 pub const ALREADY_RUNNING: u8 = 75;
+
+/// Why a service could not take its socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// The service's exit code then is [`ALREADY_RUNNING`].
+    #[error("a capsem service is already running on {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("cannot lock {}", .0.display())]
+    Lock(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen on {}", .0.display())]
+    Bind(PathBuf, #[source] std::io::Error),
+}
+
+/// The service's side of starting: take `<sock>.lock` for the service's whole life (two
+/// services started at once, by two first commands, must not both bind the socket, the second
+/// unlinking the first's), make sure no service of an older build answers there, and bind the
+/// socket. The lock is held while the returned one is.
+pub async fn claim(sock: &Path) -> Result<(paths::Lock, tokio::net::UnixListener), ClaimError> {
+    let lock_path = sock.with_extension("lock");
+    let lock = paths::try_lock(&lock_path)
+        .map_err(|e| ClaimError::Lock(lock_path.clone(), e))?
+        .ok_or_else(|| ClaimError::AlreadyRunning(sock.to_path_buf()))?;
+    if UdsClient::new(sock)
+        .get::<VersionResponse>("/version")
+        .await
+        .is_ok()
+    {
+        return Err(ClaimError::AlreadyRunning(sock.to_path_buf()));
+    }
+    let listener =
+        crate::sock::bind_private(sock).map_err(|e| ClaimError::Bind(sock.to_path_buf(), e))?;
+    Ok((lock, listener))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AutostartError {
