@@ -113,6 +113,10 @@ pub struct VmInfo {
     /// How the guest came up.
     #[serde(default)]
     pub start: StartKind,
+    /// A temporary session that booted cold because its size's template was made for another
+    /// configuration (another QEMU build, other guest kernel words): the service replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other_template: bool,
 }
 
 /// How a session's guest came up.

@@ -298,7 +298,10 @@ fn a_template_made_for_another_configuration_is_replaced_after_a_cold_start() {
         .ok(&["create", "--ram", "3", "--cpu", "1"])
         .trim()
         .to_string();
-    assert_eq!(start(&env.info(&id)), "cold", "{}", env.session_logs());
+    let info = env.info(&id);
+    assert_eq!(start(&info), "cold", "{}", env.session_logs());
+    // The process says why: the size's template was made for another configuration.
+    assert_eq!(info["vm"]["other_template"], true, "{info}");
     env.ok(&["delete", &id]);
     let warm_dir = old.parent().unwrap().to_path_buf();
     let replacement = || {

@@ -197,6 +197,7 @@ where
     let mut taken_state = None;
     // The template's saved machine held open for QEMU across filesystems (see `warm::take`).
     let mut held_state = None;
+    let mut other_template = false;
     let disk = match crate::disk::top_path(&dir)
         .map_err(|e| InstanceError::Record(cfg.id.clone(), e))?
     {
@@ -211,6 +212,10 @@ where
                     &cmdline_extra,
                 );
                 template = crate::warm::find(&assets, &key);
+                other_template = template.is_none()
+                    && crate::warm::usable(&assets)
+                        .iter()
+                        .any(|m| (m.ram_mb, m.cpus) == (record.ram_mb, record.cpus));
             }
             match template
                 .as_ref()
@@ -400,6 +405,7 @@ where
         boot: channel.ready.boot.clone(),
         boot_wall_ms,
         start,
+        other_template,
     };
     tracing::info!(id = %cfg.id, boot_wall_ms, start = start.as_str(), guest_ready_ms = info.boot.ready_ms, "guest ready");
 

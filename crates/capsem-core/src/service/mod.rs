@@ -74,7 +74,8 @@ struct Inner {
     accel: OnceCell<Accel>,
     /// Held while a warm-start template is built (one at a time).
     warming: Mutex<()>,
-    /// Sizes (MiB, CPUs) a temporary session has started warm at, since this service started.
+    /// Sizes (MiB, CPUs) a temporary session has started warm at, or a `warm` request built,
+    /// since this service started.
     warm_sizes: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
     /// Sizes whose template, made for another configuration, this service has replaced (or
     /// tried to) since it started.
@@ -313,12 +314,12 @@ impl Service {
                 return Err(e);
             }
         };
-        let start = spawned.info.start;
+        let (start, other_template) = (spawned.info.start, spawned.info.other_template);
         self.mark_running(&id, spawned, exited_tx, exited_rx)
             .await?;
         // Only a fresh temporary session could have started warm.
         if !record.persistent && source.is_none() {
-            self.heal_warm_start(ram_mb, cpus, start);
+            self.heal_warm_start(ram_mb, cpus, start, other_template);
         }
         self.info(&id).await
     }
@@ -330,7 +331,7 @@ impl Service {
     /// cold start: the size is marked again only by a warm start or a `warm` request, never by
     /// this rebuild, and a template of another configuration is replaced once per service, so
     /// a template that keeps failing is not rebuilt in a loop.
-    fn heal_warm_start(&self, ram_mb: u32, cpus: u32, start: api::StartKind) {
+    fn heal_warm_start(&self, ram_mb: u32, cpus: u32, start: api::StartKind, other_template: bool) {
         let mut sizes = self
             .inner
             .warm_sizes
@@ -342,7 +343,8 @@ impl Service {
             }
             api::StartKind::Cold
                 if crate::warm::enabled()
-                    && (sizes.remove(&(ram_mb, cpus)) || self.first_stale(ram_mb, cpus)) =>
+                    && (sizes.remove(&(ram_mb, cpus))
+                        || (other_template && self.first_replacement(ram_mb, cpus))) =>
             {
                 let svc = self.clone();
                 tokio::spawn(async move {
@@ -360,21 +362,14 @@ impl Service {
         }
     }
 
-    /// Whether a template of this size is there (one made for another configuration, as a
-    /// session of this size just booted cold) and this service has not replaced it yet.
-    fn first_stale(&self, ram_mb: u32, cpus: u32) -> bool {
-        let there = self.assets().is_ok_and(|a| {
-            crate::warm::usable(&a)
-                .iter()
-                .any(|m| m.ram_mb == ram_mb && m.cpus == cpus)
-        });
-        there
-            && self
-                .inner
-                .stale_sizes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((ram_mb, cpus))
+    /// Whether this service has not yet replaced a template of this size made for another
+    /// configuration (it does so once).
+    fn first_replacement(&self, ram_mb: u32, cpus: u32) -> bool {
+        self.inner
+            .stale_sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((ram_mb, cpus))
     }
 
     /// Remove what a session leaves on disk: its directory and its process's socket.
