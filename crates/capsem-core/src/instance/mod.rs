@@ -296,21 +296,24 @@ where
                 }
                 Err(e) => return Err(e.into()),
             },
-            status = vm.child.wait() => {
-                proven_bad = refused_state(&status);
-                Err(exit_text(status))
-            }
+            // How a restored VM's QEMU ended is told below, with the other restore failures.
+            status = vm.child.wait() => Err(if spec.incoming.is_some() {
+                "QEMU ended before the guest was in".to_string()
+            } else {
+                exit_text(status)
+            }),
         };
         if let Some(r) = resumer {
             r.abort();
         }
-        // A channel that broke may be QEMU ending as it refuses the state: a moment tells.
+        // Did QEMU end by itself? (A channel that broke may be QEMU ending as it refuses the
+        // state: a moment tells. One that has ended answers at once.)
         let outcome = match outcome {
-            Err(why) if spec.incoming.is_some() && !proven_bad => {
+            Err(why) if spec.incoming.is_some() => {
                 match tokio::time::timeout(Duration::from_secs(1), vm.child.wait()).await {
                     Ok(status) => {
                         proven_bad = refused_state(&status);
-                        Err(format!("{why}; QEMU: {}", exit_text(status)))
+                        Err(format!("{why}; QEMU {}", exit_text(status)))
                     }
                     Err(_) => Err(why),
                 }
