@@ -58,12 +58,41 @@ pub struct TemplateMeta {
     pub state_bytes: u64,
 }
 
-/// A published template, as found: its directory and its build id (so that taking it out of
-/// use never hits a newer template published under the same key meanwhile).
+/// A published template, as found: its directory, its build id (so that taking it out of use
+/// never hits a newer template published under the same key meanwhile), and the handle on the
+/// directory its description was read through, which [`take`] links from (so a template
+/// replaced meanwhile can never pair one build's description, disk and RAM with another's).
 #[derive(Debug, Clone)]
 pub struct Template {
     pub dir: PathBuf,
     build: String,
+    handle: std::sync::Arc<std::fs::File>,
+}
+
+impl Template {
+    /// Open the template in `dir`; `None` when it has no readable description.
+    fn open(dir: PathBuf) -> Option<(Template, TemplateMeta)> {
+        let handle = std::fs::File::open(&dir).ok()?;
+        let meta = read_meta(&crate::paths::via_fd(&handle, ""))?;
+        let t = Template {
+            dir,
+            build: meta.build.clone(),
+            handle: std::sync::Arc::new(handle),
+        };
+        Some((t, meta))
+    }
+
+    /// `name` in this template, through its handle.
+    fn file(&self, name: &str) -> PathBuf {
+        crate::paths::via_fd(&*self.handle, name)
+    }
+
+    /// Whether it has its files and its base.
+    fn is_usable(&self, meta: &TemplateMeta) -> bool {
+        self.file(STATE_FILE).is_file()
+            && self.file(crate::disk::FIRST).is_file()
+            && meta.base.is_file()
+    }
 }
 
 /// What a session took from a template: its disk top, and the saved machine to load (the
@@ -144,17 +173,8 @@ pub fn key(
 
 /// The published template with `key`, if there is a complete and usable one.
 pub fn find(assets: &Assets, key: &str) -> Option<Template> {
-    let dir = root(assets).join(key);
-    let meta = read_meta(&dir)?;
-    is_usable(&dir, &meta).then_some(Template {
-        dir,
-        build: meta.build,
-    })
-}
-
-/// Whether the template in `dir`, described by `meta`, has its files and its base.
-fn is_usable(dir: &Path, meta: &TemplateMeta) -> bool {
-    dir.join(STATE_FILE).is_file() && dir.join(crate::disk::FIRST).is_file() && meta.base.is_file()
+    let (t, meta) = Template::open(root(assets).join(key))?;
+    t.is_usable(&meta).then_some(t)
 }
 
 fn read_meta(dir: &Path) -> Option<TemplateMeta> {
@@ -165,7 +185,7 @@ fn read_meta(dir: &Path) -> Option<TemplateMeta> {
 pub fn usable(assets: &Assets) -> Vec<TemplateMeta> {
     list(assets)
         .into_iter()
-        .filter(|(t, m)| is_usable(&t.dir, m))
+        .filter(|(t, m)| t.is_usable(m))
         .map(|(_, m)| m)
         .collect()
 }
@@ -191,10 +211,7 @@ pub fn list(assets: &Assets) -> Vec<(Template, TemplateMeta)> {
             if e.file_name().to_string_lossy().contains('.') {
                 return None;
             }
-            let dir = e.path();
-            let meta = read_meta(&dir)?;
-            let build = meta.build.clone();
-            Some((Template { dir, build }, meta))
+            Template::open(e.path())
         })
         .collect();
     v.sort_by(|a, b| a.1.key.cmp(&b.1.key));
@@ -202,25 +219,14 @@ pub fn list(assets: &Assets) -> Vec<(Template, TemplateMeta)> {
 }
 
 /// Give session directory `dir` what it needs from the template: its disk layer 0 and its
-/// saved machine, both linked from one open handle on the template's directory (so a template
-/// replaced meanwhile can never pair one template's disk with another's RAM), then a new empty
-/// top over layer 0. Across filesystems layer 0 is copied and the state is opened through the
-/// same handle and held. A template replaced since it was found is not taken (the session boots
-/// cold): a bad replacement could then never be discarded by the build id `t` carries.
+/// saved machine, both linked from the handle its description was read through (so a template
+/// replaced meanwhile can never pair one build's disk with another's RAM, or with the build id
+/// a discard goes by), then a new empty top over layer 0. Across filesystems layer 0 is copied
+/// and the state is opened through the same handle and held.
 pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, WarmError> {
     use std::os::fd::AsRawFd;
     let io = |p: &Path, e: io::Error| WarmError::Io(p.to_path_buf(), e);
-    let handle = std::fs::File::open(&t.dir).map_err(|e| io(&t.dir, e))?;
-    let via_handle = |name: &str| crate::paths::via_fd(&handle, name);
-    if read_meta(&via_handle("")).is_none_or(|m| m.build != t.build) {
-        return Err(io(
-            &t.dir,
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "the template was replaced meanwhile",
-            ),
-        ));
-    }
+    let handle = &*t.handle;
     let link = |name: &str, to: &Path| {
         nix::unistd::linkat(
             Some(handle.as_raw_fd()),
@@ -235,7 +241,7 @@ pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, Warm
     match link(crate::disk::FIRST, &first) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(via_handle(crate::disk::FIRST), &first).map_err(|e| io(&first, e))?;
+            std::fs::copy(t.file(crate::disk::FIRST), &first).map_err(|e| io(&first, e))?;
         }
         Err(e) => return Err(io(&first, e)),
     }
@@ -243,7 +249,7 @@ pub fn take(t: &Template, dir: &Path, hv: &dyn Hypervisor) -> Result<Taken, Warm
     let (state, held) = match link(STATE_FILE, &own) {
         Ok(()) => (own, None),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            match std::fs::File::open(via_handle(STATE_FILE)) {
+            match std::fs::File::open(t.file(STATE_FILE)) {
                 Ok(f) => {
                     let path = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
                     (PathBuf::from(path), Some(f))
