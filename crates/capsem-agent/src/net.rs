@@ -22,6 +22,9 @@ use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, QTYPE, RCODE, TYPE};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+/// The relay's copy buffer, each way.
+const RELAY_BUF: usize = 64 * 1024;
+
 /// TTL of the answers: short, so that a policy edit reaches a running session at once.
 const TTL: u32 = 5;
 
@@ -149,7 +152,10 @@ async fn relay_one(mut conn: TcpStream, p: u16, link: HostLink) {
     if frame::write_frame(&mut up, &open).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+    // 64 KiB a read each way (tokio's default is 8 KiB): an upload crosses the channel in
+    // frames as large as the mux sends.
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut up, RELAY_BUF, RELAY_BUF).await;
     let _ = conn.shutdown().await;
 }
 

@@ -21,7 +21,6 @@ use capsem_proto::{port, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::control::{self, Outcome};
-use crate::fdio::Coalesce;
 use crate::{channel, clock, console, exec, power, terminal};
 
 /// Whether this agent is a VM's init (may power off) or a standalone process.
@@ -114,7 +113,7 @@ pub async fn run(port: OwnedFd, mut boot: BootTiming, mode: Mode) -> Result<(), 
             kernel_release: release.clone(),
             boot: boot.clone(),
         };
-        let conn = serve_connection_linked(Coalesce::new(stream), ready, mode, &link).await;
+        let conn = serve_connection_linked(stream, ready, mode, &link).await;
         link.set(None);
         match conn {
             Ok(()) => {}

@@ -1,7 +1,10 @@
 //! MITM proxy throughput (issue 3): requests/s and latency through the proxy vs. direct to the
 //! same local HTTPS upstream (keep-alive, small responses), and a 100 MiB download both ways.
 //! Run: `cargo bench -p capsem-core --bench proxy` (`BENCH_SECS` per round, default 3;
-//! `BENCH_CONNS` concurrent keep-alive connections, default 8).
+//! `BENCH_ROUNDS` rounds of each path, alternating, default 5; `BENCH_CONNS` concurrent
+//! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half, for
+//! profiling). Besides throughput it reports the CPU time the process spent per request and
+//! per download: on a noisy machine that ratio moves far less than the wall-clock one.
 //!
 //! The proxy path is the real one minus the VM: the client plays the guest relay — one yamux
 //! session over a UNIX socket (as QEMU's chardev is), a stream per connection with the
@@ -36,14 +39,18 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(Duration::from_secs(secs), conns));
+    rt.block_on(run(Duration::from_secs(secs), conns, rounds));
 }
 
-async fn run(round: Duration, conns: usize) {
+async fn run(round: Duration, conns: usize, rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (up_port, up_ca) = upstream(dir.path()).await;
     std::fs::write(
@@ -92,41 +99,68 @@ async fn run(round: Duration, conns: usize) {
             .unwrap_or(0),
         round.as_secs()
     );
+    let part = std::env::var("BENCH_PART").unwrap_or_default();
+    if part != "download" {
+        requests(&direct, &via, conns, round, rounds).await;
+    }
+    if part != "requests" {
+        downloads(&direct, &via, rounds).await;
+    }
+}
+
+/// `rounds` rounds of small keep-alive GETs each way, alternating; medians and percentiles.
+async fn requests(direct: &Target, via: &Target, conns: usize, round: Duration, rounds: usize) {
     let (mut d_rps, mut p_rps) = (Vec::new(), Vec::new());
+    let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let (r, mut l) = load(&direct, conns, round).await;
+    for _ in 0..rounds {
+        let (r, c, mut l) = load(direct, conns, round).await;
         d_rps.push(r);
+        d_cpu.push(c);
         d_lat.append(&mut l);
-        let (r, mut l) = load(&via, conns, round).await;
+        let (r, c, mut l) = load(via, conns, round).await;
         p_rps.push(r);
+        p_cpu.push(c);
         p_lat.append(&mut l);
     }
     let (d, p) = (median(&mut d_rps), median(&mut p_rps));
+    let (dc, pc) = (median(&mut d_cpu), median(&mut p_cpu));
     println!(
-        "direct  {d:8.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
+        "direct  {d:8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  cpu {dc:.1} us/req",
         pct(&mut d_lat, 0.5),
         pct(&mut d_lat, 0.99)
     );
     println!(
-        "proxy   {p:8.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
+        "proxy   {p:8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  cpu {pc:.1} us/req",
         pct(&mut p_lat, 0.5),
         pct(&mut p_lat, 0.99)
     );
     println!(
-        "ratio   {:8.3}  (targets: ratio >= 0.5, proxy >= 5000 req/s)",
-        p / d
+        "ratio   {:8.3}  (targets: ratio >= 0.5, proxy >= 5000 req/s); cpu per request direct/proxy {:.3}",
+        p / d,
+        dc / pc
     );
+}
 
+/// `rounds` 100 MiB downloads each way, alternating; medians.
+async fn downloads(direct: &Target, via: &Target, rounds: usize) {
     let (mut d_mb, mut p_mb) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        d_mb.push(download(&direct).await);
-        p_mb.push(download(&via).await);
+    let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (r, c) = download(direct).await;
+        d_mb.push(r);
+        d_cpu.push(c);
+        let (r, c) = download(via).await;
+        p_mb.push(r);
+        p_cpu.push(c);
     }
     let (d, p) = (median(&mut d_mb), median(&mut p_mb));
+    let (dc, pc) = (median(&mut d_cpu), median(&mut p_cpu));
     println!(
-        "100 MiB download: direct {d:.0} MiB/s, proxy {p:.0} MiB/s, ratio {:.3} (target >= 0.5)",
-        p / d
+        "100 MiB download: direct {d:.0} MiB/s ({dc:.0} ms cpu), proxy {p:.0} MiB/s ({pc:.0} ms cpu), \
+         ratio {:.3} (target >= 0.5); cpu direct/proxy {:.3}",
+        p / d,
+        dc / pc
     );
 }
 
@@ -191,9 +225,11 @@ fn get(path: &str) -> hyper::Request<Empty<Bytes>> {
         .unwrap()
 }
 
-/// `conns` connections issuing small GETs back to back for `round`: (req/s, latencies in ms).
-async fn load(t: &Target, conns: usize, round: Duration) -> (f64, Vec<f64>) {
+/// `conns` connections issuing small GETs back to back for `round`: (req/s, CPU µs of the
+/// whole process per request, latencies in ms).
+async fn load(t: &Target, conns: usize, round: Duration) -> (f64, f64, Vec<f64>) {
     let mut tasks = Vec::new();
+    let cpu0 = cpu_ms();
     let start = Instant::now();
     let end = start + round;
     for _ in 0..conns {
@@ -215,13 +251,19 @@ async fn load(t: &Target, conns: usize, round: Duration) -> (f64, Vec<f64>) {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    (all.len() as f64 / start.elapsed().as_secs_f64(), all)
+    let n = all.len() as f64;
+    (
+        n / start.elapsed().as_secs_f64(),
+        (cpu_ms() - cpu0) * 1000.0 / n,
+        all,
+    )
 }
 
-/// One 100 MiB GET; MiB/s.
-async fn download(t: &Target) -> f64 {
+/// One 100 MiB GET: (MiB/s, CPU ms of the whole process).
+async fn download(t: &Target) -> (f64, f64) {
     let mut s = connect(t).await;
     let t0 = Instant::now();
+    let cpu0 = cpu_ms();
     let resp = s.send_request(get("/big")).await.unwrap();
     let mut body = resp.into_body();
     let mut n = 0usize;
@@ -231,7 +273,10 @@ async fn download(t: &Target) -> f64 {
         }
     }
     assert_eq!(n, BIG);
-    (n as f64 / (1 << 20) as f64) / t0.elapsed().as_secs_f64()
+    (
+        (n as f64 / (1 << 20) as f64) / t0.elapsed().as_secs_f64(),
+        cpu_ms() - cpu0,
+    )
 }
 
 /// The stand-in upstream: `/small` → "ok", `/big` → 100 MiB in 64 KiB chunks. Returns its
@@ -307,4 +352,14 @@ fn median(v: &mut [f64]) -> f64 {
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// CPU time (user + system) the whole process has used: client, proxy and upstream together.
+fn cpu_ms() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; all-zero is a valid rusage.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 * 1000.0 + v.tv_usec as f64 / 1000.0;
+    t(u.ru_utime) + t(u.ru_stime)
 }

@@ -1,10 +1,11 @@
 //! Stream multiplexer over the channel: a yamux session driven by one task.
 //!
 //! [`Mux::start`] takes the raw channel (the virtio-serial port in the guest, the QEMU chardev
-//! socket on the host) and spawns the driver task, which alone touches the `yamux::Connection`.
-//! Other tasks open streams through [`MuxHandle::open`] and receive the peer's streams on the
-//! inbound queue. Streams come back as tokio `AsyncRead + AsyncWrite` with their [`StreamOpen`]
-//! header already written (outbound) or read (inbound).
+//! socket on the host), buffers it both ways ([`CHANNEL_BUFFER`]) and spawns the driver task,
+//! which alone touches the `yamux::Connection`. Other tasks open streams through
+//! [`MuxHandle::open`] and receive the peer's streams on the inbound queue. Streams come back as
+//! tokio `AsyncRead + AsyncWrite` with their [`StreamOpen`] header already written (outbound) or
+//! read (inbound).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -16,6 +17,20 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 
 use crate::frame::{self, FrameError};
 use crate::StreamOpen;
+
+/// The largest data frame a stream sends. yamux's default (16 KiB) cuts every full TLS record
+/// (16 KiB of plaintext plus 22 bytes) into two frames; 64 KiB carries a record, or a batch of
+/// them, in one, and keeps a frame short enough (well under a millisecond on the channel)
+/// that it does not hold up the other streams.
+pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
+
+/// Read and write buffers between yamux and the channel: a whole frame (header and the
+/// largest body) fits. yamux reads each frame's 12-byte header and its body with separate
+/// reads and writes them with separate writes, flushing after each frame. Unbuffered, each is
+/// a system call on QEMU's chardev socket, and in the guest each write is a virtqueue kick (a
+/// VM exit, then a chardev write on the host); buffered, a frame leaves in one write and one
+/// read brings in as many frames as the channel holds.
+pub const CHANNEL_BUFFER: usize = SPLIT_SEND_SIZE + 4096;
 
 /// One multiplexed stream, usable with tokio I/O.
 pub type MuxStream = Compat<yamux::Stream>;
@@ -69,10 +84,12 @@ impl Mux {
     {
         let mut cfg = yamux::Config::default();
         cfg.set_max_num_streams(1024);
+        cfg.set_split_send_size(SPLIT_SEND_SIZE);
         let mode = match side {
             Side::Host => yamux::Mode::Client,
             Side::Guest => yamux::Mode::Server,
         };
+        let io = tokio::io::BufStream::with_capacity(CHANNEL_BUFFER, CHANNEL_BUFFER, io);
         let mut conn = yamux::Connection::new(io.compat(), cfg, mode);
         let (open_tx, mut open_rx) = mpsc::unbounded_channel::<OpenReply>();
         let (in_tx, in_rx) = mpsc::channel(64);

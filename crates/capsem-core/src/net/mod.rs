@@ -175,6 +175,11 @@ impl Network {
                 let _ = frame::write_frame(&mut stream, &answer).await;
             }
             NetOpen::Tcp { port, process } => {
+                // TLS writes each record (16 KiB at most) separately and flushes after a
+                // response or a body chunk: gathered, a chunk crosses the channel as one frame
+                // (reads are buffered by TLS already).
+                let stream =
+                    tokio::io::BufWriter::with_capacity(capsem_proto::mux::SPLIT_SEND_SIZE, stream);
                 proxy::serve(self, stream, port, process).await;
             }
         }
