@@ -22,8 +22,8 @@ use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, QTYPE, RCODE, TYPE};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// The relay's copy buffer, each way.
-const RELAY_BUF: usize = 64 * 1024;
+/// The relay's copy buffer, each way: the most the guest's virtio console takes in one write.
+const RELAY_BUF: usize = 32 * 1024;
 
 /// TTL of the answers: short, so that a policy edit reaches a running session at once.
 const TTL: u32 = 5;
@@ -152,8 +152,8 @@ async fn relay_one(mut conn: TcpStream, p: u16, link: HostLink) {
     if frame::write_frame(&mut up, &open).await.is_err() {
         return;
     }
-    // 64 KiB a read each way (tokio's default is 8 KiB): an upload crosses the channel in
-    // frames as large as the mux sends.
+    // 32 KiB a read each way (tokio's default is 8 KiB): an upload crosses the channel in
+    // fewer, larger frames.
     let _ =
         tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut up, RELAY_BUF, RELAY_BUF).await;
     let _ = conn.shutdown().await;

@@ -28,8 +28,10 @@ pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
 /// largest body) fits. yamux reads each frame's 12-byte header and its body with separate
 /// reads and writes them with separate writes, flushing after each frame. Unbuffered, each is
 /// a system call on QEMU's chardev socket, and in the guest each write is a virtqueue kick (a
-/// VM exit, then a chardev write on the host); buffered, a frame leaves in one write and one
-/// read brings in as many frames as the channel holds.
+/// VM exit, then a chardev write on the host). Buffered, a frame leaves in one write (in the
+/// guest, one per 32 KiB: the virtio console takes no more at once), and on the host one read
+/// brings in every frame the socket holds (the guest's console hands out one 4 KiB buffer a
+/// read at most).
 pub const CHANNEL_BUFFER: usize = SPLIT_SEND_SIZE + 4096;
 
 /// One multiplexed stream, usable with tokio I/O.

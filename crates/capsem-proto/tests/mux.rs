@@ -4,8 +4,7 @@ use capsem_proto::frame;
 use capsem_proto::mux::{accept, Mux, Side};
 use capsem_proto::port;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -56,14 +55,13 @@ async fn streams_open_both_ways_and_carry_data() {
     assert_eq!(v, 42);
 }
 
-/// A channel end that counts the writes reaching it and their bytes.
-struct Counting<T> {
+/// A channel end that records every write reaching it.
+struct Recording<T> {
     inner: T,
-    writes: Arc<AtomicUsize>,
-    bytes: Arc<AtomicUsize>,
+    writes: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Recording<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -73,7 +71,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Recording<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -81,8 +79,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
-            self.writes.fetch_add(1, Ordering::SeqCst);
-            self.bytes.fetch_add(n, Ordering::SeqCst);
+            self.writes.lock().unwrap().push(data[..n].to_vec());
         }
         r
     }
@@ -99,35 +96,53 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
 /// leave in one write of the channel (yamux writes them separately).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_record_is_one_frame_in_one_write() {
+    const HEADER: usize = 12;
     let (h, g) = tokio::io::duplex(1 << 20);
-    let (writes, bytes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let h = Counting {
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let h = Recording {
         inner: h,
         writes: writes.clone(),
-        bytes: bytes.clone(),
     };
     let (host, _host_in, _hd) = Mux::start(h, Side::Host);
     let (_guest, mut guest_in, _gd) = Mux::start(g, Side::Guest);
     let mut s = host.open(port::CONTROL).await.unwrap();
     let mut inb = accept(guest_in.recv().await.unwrap()).await.unwrap();
-    // One exchange first, so that the session's opening (its round-trip ping) is over.
-    s.write_all(b"x").await.unwrap();
-    s.flush().await.unwrap();
-    let mut one = [0u8; 1];
-    inb.stream.read_exact(&mut one).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 
-    let (w0, b0) = (writes.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
+    let before = writes.lock().unwrap().len();
     let record = vec![0x17u8; 16 * 1024 + 22];
     s.write_all(&record).await.unwrap();
     s.flush().await.unwrap();
     let mut got = vec![0u8; record.len()];
     inb.stream.read_exact(&mut got).await.unwrap();
     assert_eq!(got, record);
-    assert_eq!(
-        bytes.load(Ordering::SeqCst) - b0,
-        12 + record.len(),
-        "one frame header"
-    );
-    assert_eq!(writes.load(Ordering::SeqCst) - w0, 1, "one write");
+
+    // Walk the yamux frames the host wrote meanwhile (a 12-byte header: version, type, flags,
+    // stream id, length; a data frame's body follows), noting the write each began and ended in.
+    let during: Vec<Vec<u8>> = writes.lock().unwrap()[before..].to_vec();
+    let mut ends = Vec::new();
+    let mut total = 0;
+    for w in &during {
+        total += w.len();
+        ends.push(total);
+    }
+    let bytes = during.concat();
+    let write_of = |offset: usize| ends.iter().position(|&e| offset < e).unwrap();
+    let (mut at, mut data_frames) = (0, Vec::new());
+    while at < bytes.len() {
+        let header = &bytes[at..at + HEADER];
+        let len = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
+        let end = if header[1] == 0 {
+            at + HEADER + len
+        } else {
+            at + HEADER
+        };
+        if header[1] == 0 {
+            data_frames.push((len, write_of(at), write_of(end - 1)));
+        }
+        at = end;
+    }
+    assert_eq!(data_frames.len(), 1, "one data frame: {data_frames:?}");
+    let (len, first, last) = data_frames[0];
+    assert_eq!(len, record.len());
+    assert_eq!(first, last, "the frame left in one write");
 }

@@ -94,10 +94,12 @@ fn tls(
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let stream = match acceptor.accept(io).await {
+        let stream = match acceptor.accept(io).into_fallible().await {
             Ok(s) => s,
-            Err(e) => {
+            Err((e, mut io)) => {
                 tracing::info!(error = %e, "guest TLS handshake failed");
+                // The alert that says why is still in the stream's write buffer.
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
                 return;
             }
         };
@@ -413,7 +415,14 @@ impl Conn {
         let (net, process) = (self.net.clone(), self.process.clone());
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
-                Ok(up) => tls(net, Box::new(TokioIo::new(up)), Some(host), process).await,
+                Ok(up) => {
+                    // The 200 may still wait in the stream's write buffer, and the client
+                    // sends its TLS hello only once it has seen it.
+                    let mut up = TokioIo::new(up);
+                    if tokio::io::AsyncWriteExt::flush(&mut up).await.is_ok() {
+                        tls(net, Box::new(up), Some(host), process).await;
+                    }
+                }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
