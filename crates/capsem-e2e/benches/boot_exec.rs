@@ -249,9 +249,8 @@ fn main() {
 }
 
 /// Raw QEMU boot of the same kernel + initrd to `/init`, which prints the probe line and powers
-/// off (the same machine as `capsem run`'s: `qemu::probe_command`); wall time to exit, in ms.
-/// One raw boot to `/init` and power-off, in ms; `None` when it hung (killed after
-/// [`RAW_BOOT_LIMIT`]).
+/// off (the same machine as `capsem run`'s: `qemu::probe_command`): wall time to exit, in ms;
+/// `None` when it hung (killed after [`RAW_BOOT_LIMIT`]).
 fn raw_boot(
     qemu_bin: &std::path::Path,
     kernel: &std::path::Path,

@@ -314,7 +314,7 @@ fn a_template_made_for_another_configuration_is_replaced_after_a_cold_start() {
                 name.starts_with("3072m1c-")
                     && !name.contains('.')
                     && *p != old
-                    && p.join("warm.json").is_file()
+                    && p.join(capsem_core::warm::META_FILE).is_file()
             })
     };
     assert!(

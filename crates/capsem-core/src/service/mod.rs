@@ -128,8 +128,7 @@ impl Service {
                 }
                 Err(_) if !record.persistent => {
                     tracing::info!(id = %record.id, "removing leftover ephemeral session");
-                    let _ = std::fs::remove_dir_all(&dir);
-                    let _ = std::fs::remove_file(self.home().instance_socket(&record.id));
+                    self.remove_session_files(&record.id);
                 }
                 Err(_) => {
                     let (_tx, rx) = watch::channel(true);
@@ -655,7 +654,7 @@ impl Service {
             } else {
                 tracing::info!(%id, "ephemeral session ended; removing it");
                 map.remove(&id);
-                let _ = std::fs::remove_dir_all(svc.home().session_dir(&id));
+                svc.remove_session_files(&id);
             }
         });
     }
