@@ -11,8 +11,10 @@
 //!   (measured inside capsem-process) and the guest's own spawn→reap time of `true` (p50, timed
 //!   in the guest). Added overhead = exec − echo − spawn.
 //!   Beside it, the same echo after the channel was quiet as long as that spawn: the share of
-//!   the overhead that is the path waking from idle.
-//! - Boot → exec-ready of `create`, and RSS of QEMU + capsem-process for an idle `--ram 4` session.
+//!   the overhead that is the path waking from idle; and each exec split into its HTTP hops and
+//!   the time capsem-process spent beyond the guest's spawn (`ExecResponse::process_us`).
+//! - Boot → exec-ready of `create`, and RSS and idle CPU of QEMU + capsem-process for an idle
+//!   `--ram 4` session.
 
 use std::process::Stdio;
 use std::time::Instant;
@@ -37,6 +39,17 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time (ns) all threads of `pid` have run so far.
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn main() {
@@ -140,6 +153,14 @@ fn main() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     let rss_qemu = rss_kib(vm.qemu_pid);
     let rss_proc = rss_kib(vm.process_pid);
+    // What the idle session costs the host: CPU time of QEMU and capsem-process over 5 s.
+    let idle_window = std::time::Duration::from_secs(5);
+    let before = (cpu_ns(vm.qemu_pid), cpu_ns(vm.process_pid));
+    std::thread::sleep(idle_window);
+    let idle_pct =
+        |now: u64, then: u64| (now - then) as f64 / idle_window.as_nanos() as f64 * 100.0;
+    let idle_qemu = idle_pct(cpu_ns(vm.qemu_pid), before.0);
+    let idle_proc = idle_pct(cpu_ns(vm.process_pid), before.1);
 
     let n = 200;
     let exec_path = format!("/vms/{}/exec", info.id);
@@ -149,6 +170,8 @@ fn main() {
     };
     let mut exec_ms = Vec::new();
     let mut spawn_ms = Vec::new();
+    let mut hops_ms = Vec::new();
+    let mut inside_ms = Vec::new();
     rt.block_on(async {
         for i in 0..n + 20 {
             let t = Instant::now();
@@ -157,6 +180,10 @@ fn main() {
             if i >= 20 {
                 exec_ms.push(el);
                 spawn_ms.push(r.guest_spawn_us as f64 / 1000.0);
+                // The exec's own split: HTTP hops (client → service → process and back), and
+                // the process's part beyond the guest's spawn (channel, guest handling, handler).
+                hops_ms.push(el - r.process_us as f64 / 1000.0);
+                inside_ms.push((r.process_us as f64 - r.guest_spawn_us as f64) / 1000.0);
             }
         }
     });
@@ -230,6 +257,11 @@ fn main() {
         api_echo_p50 - echo_p50,
         exec_p50 - api_echo_p50 - spawn_p50
     );
+    println!(
+        "   split of each exec (p50): HTTP hops {:.3} ms; in capsem-process beyond the spawn {:.3} ms",
+        median(&mut hops_ms),
+        median(&mut inside_ms)
+    );
     let quiet_echo_p50 = median(&mut quiet_echo_ms);
     println!(
         "   echo after {:.1} ms quiet           p50 {quiet_echo_p50:8.3} ms => waking from idle {:.3} ms of the overhead",
@@ -245,6 +277,9 @@ fn main() {
         rss_qemu / 1024,
         rss_proc / 1024,
         (rss_qemu + rss_proc) / 1024
+    );
+    println!(
+        "CPU idle --ram 4 session (5 s):  qemu {idle_qemu:.2} % + capsem-process {idle_proc:.2} % of one core"
     );
 }
 

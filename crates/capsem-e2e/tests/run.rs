@@ -48,3 +48,27 @@ fn five_mib_binary_stream_is_byte_identical() {
     assert_eq!(sha256_hex(&out.stdout), guest_sum);
     assert_nothing_left(&env);
 }
+
+/// The guest kernel runs high-resolution, tickless timers (`-cpu …,+arat` under TCG): an idle
+/// guest then does not wake QEMU on the host 250 times a second per vCPU, and its timers are
+/// precise to well under a jiffy.
+#[test]
+fn the_guest_is_tickless_when_idle() {
+    let Some(env) = Env::new() else { return };
+    let out = env.capsem(&["run", "grep -E 'hres_active|nohz_mode' /proc/timer_list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let values = |key: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains(key))
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .collect()
+    };
+    let (hres, nohz) = (values("hres_active"), values("nohz_mode"));
+    assert!(!hres.is_empty() && !nohz.is_empty(), "{text}");
+    // One line per CPU: high-resolution timers on, NOHZ_MODE_HIGHRES (2).
+    assert!(hres.iter().all(|v| v == "1"), "{text}");
+    assert!(nohz.iter().all(|v| v == "2"), "{text}");
+    assert_nothing_left(&env);
+}

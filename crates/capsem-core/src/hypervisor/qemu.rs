@@ -199,8 +199,11 @@ pub fn machine_args(accel: Accel, ram_mb: u32, cpus: u32) -> Vec<String> {
     let cpu = match accel {
         Accel::Kvm => "host",
         // RDRAND lets the guest kernel seed its RNG at boot (it trusts the CPU); without it the
-        // first getrandom() in the guest waits about a second under TCG.
-        Accel::Tcg => "qemu64,+rdrand",
+        // first getrandom() in the guest waits about a second under TCG. ARAT (the local APIC
+        // timer keeps running when idle, as QEMU's emulated one does) lets the guest kernel
+        // use one-shot timers: without it the guest ticks 250 times a second per vCPU even
+        // when idle, and every tick wakes QEMU on the host.
+        Accel::Tcg => "qemu64,+rdrand,+arat",
     };
     [
         "-M",

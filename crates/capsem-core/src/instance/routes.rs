@@ -102,6 +102,7 @@ async fn exec(
         exit_code,
         timed_out: out.exit.timed_out,
         guest_spawn_us: out.exit.spawn_to_exit_us,
+        process_us: started.elapsed().as_micros() as u64,
         truncated: out.truncated,
     }))
 }
