@@ -165,8 +165,9 @@ pub struct ExecResponse {
     pub timed_out: bool,
     /// Guest-side spawn-to-reap time of the job, microseconds.
     pub guest_spawn_us: u64,
-    /// Time the session's process spent on the call (from the request to the answer, the
-    /// guest's part included), microseconds: the rest of a round trip is the HTTP hops.
+    /// Time the session's process spent on the call (from its handler taking the request to
+    /// the answer, the guest's part included), microseconds: the rest of a round trip is the
+    /// HTTP hops.
     #[serde(default)]
     pub process_us: u64,
     /// Output past 64 MiB per stream was dropped (the streaming endpoint has no limit).

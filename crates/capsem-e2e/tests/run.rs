@@ -1,5 +1,5 @@
-//! `capsem run`: exit codes, separate streams, environment, binary-safe output, timeouts — each
-//! in a real VM that must be gone afterwards.
+//! `capsem run`: exit codes, separate streams, environment, binary-safe output, timeouts, the
+//! guest's timers — each in a real VM that must be gone afterwards.
 
 use capsem_e2e::{assert_nothing_left, sha256_hex, stderr, stdout, Env};
 
