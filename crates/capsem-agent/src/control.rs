@@ -55,6 +55,12 @@ where
             };
             (resp, Outcome::Done)
         }
+        ControlRequest::Wait { us } => {
+            let t = std::time::Instant::now();
+            tokio::time::sleep(std::time::Duration::from_micros(us.into())).await;
+            let us = t.elapsed().as_micros() as u64;
+            (ControlResponse::Waited { us }, Outcome::Done)
+        }
         ControlRequest::Shutdown { reboot } => {
             if in_vm {
                 crate::power::sync();

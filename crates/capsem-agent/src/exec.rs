@@ -83,9 +83,11 @@ fn build(req: &ExecRequest) -> Result<tokio::process::Command, String> {
     Ok(cmd)
 }
 
-/// First size of an output buffer; it doubles (up to [`CHUNK`]) each time a read fills it, so
-/// short jobs never allocate 64 KiB buffers (which musl serves with mmap/munmap per job).
-pub const FIRST_READ: usize = 4096;
+/// First size of an output buffer; it doubles (up to [`CHUNK`]) each time a read fills it.
+/// Small on purpose: musl's allocator serves buffers of a few KiB from memory it maps for the
+/// job and unmaps after it, and under emulation those page faults and TLB flushes cost a
+/// tenth of a millisecond or more per exec.
+pub const FIRST_READ: usize = 512;
 
 /// Read once from `r` into `buf`, replacing its contents (the buffer is never zeroed); grows
 /// `buf` for the next read when this one filled it.

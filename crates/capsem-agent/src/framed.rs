@@ -53,7 +53,9 @@ impl<S: AsyncRead + Unpin> FrameReader<S> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let need = want.saturating_sub(self.buf.len()).max(4096);
+            // Small first reservation (see `exec::FIRST_READ`: musl maps and unmaps larger
+            // buffers per stream); a long frame reserves its whole length at once.
+            let need = want.saturating_sub(self.buf.len()).max(512);
             self.buf.reserve(need);
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {

@@ -1,4 +1,4 @@
-//! Control handler: echo, file write/read, errors, shutdown reporting, unknown ports.
+//! Control handler: echo, wait, file write/read, errors, shutdown reporting, unknown ports.
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -25,6 +25,18 @@ async fn echo_returns_the_payload() {
     })
     .await;
     assert_eq!(r, ControlResponse::Echo { payload });
+    assert_eq!(o, Outcome::Done);
+}
+
+#[tokio::test]
+async fn wait_answers_after_waiting_and_says_how_long() {
+    let t = std::time::Instant::now();
+    let (r, o) = call(ControlRequest::Wait { us: 20_000 }).await;
+    let ControlResponse::Waited { us } = r else {
+        panic!("expected Waited, got {r:?}");
+    };
+    assert!(us >= 20_000, "waited only {us} us");
+    assert!(t.elapsed().as_micros() as u64 >= us);
     assert_eq!(o, Outcome::Done);
 }
 

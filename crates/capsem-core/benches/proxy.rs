@@ -2,9 +2,10 @@
 //! same local HTTPS upstream (keep-alive, small responses), and a 100 MiB download both ways.
 //! Run: `cargo bench -p capsem-core --bench proxy` (`BENCH_SECS` per round, default 3;
 //! `BENCH_ROUNDS` rounds of each path, alternating, default 5; `BENCH_CONNS` concurrent
-//! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half, for
-//! profiling). Besides throughput it reports the CPU time the process spent per request and
-//! per download: on a noisy machine that ratio moves far less than the wall-clock one.
+//! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half and
+//! `BENCH_PATH=direct|proxy` one path of the requests half, for profiling). Besides throughput
+//! it reports the CPU time the process spent per request and per download: on a noisy machine
+//! that ratio moves far less than the wall-clock one.
 //!
 //! The proxy path is the real one minus the VM: the client plays the guest relay — one yamux
 //! session over a UNIX socket (as QEMU's chardev is), a stream per connection with the
@@ -113,6 +114,18 @@ async fn requests(direct: &Target, via: &Target, conns: usize, round: Duration, 
     let (mut d_rps, mut p_rps) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
+    // One path only, a line per round: for profiling one side (`perf record` of this alone).
+    if let Ok(only) = std::env::var("BENCH_PATH") {
+        let t = if only == "proxy" { via } else { direct };
+        for _ in 0..rounds {
+            let (r, c, l) = load(t, conns, round).await;
+            println!(
+                "{only:7} {r:8.0} req/s  cpu {c:.1} us/req  ({} requests)",
+                l.len()
+            );
+        }
+        return;
+    }
     for _ in 0..rounds {
         let (r, c, mut l) = load(direct, conns, round).await;
         d_rps.push(r);

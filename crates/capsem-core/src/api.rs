@@ -349,9 +349,15 @@ pub struct EchoBenchRequest {
     /// guest ran the command.
     #[serde(default)]
     pub gap_us: u32,
+    /// The guest answers only after waiting this long, as an exec's answer comes only after
+    /// the command ran; the wait (as the guest measured it) is taken off each sample. At most
+    /// a second; `size` is then ignored (the answer carries no payload).
+    #[serde(default)]
+    pub reply_after_us: u32,
 }
 
-/// Channel echo round trips measured inside capsem-process, microseconds.
+/// Channel echo round trips measured inside capsem-process, microseconds (less the guest's
+/// wait, with `reply_after_us`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EchoBenchResponse {
     pub samples_us: Vec<u64>,

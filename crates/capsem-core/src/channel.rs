@@ -221,6 +221,19 @@ impl Guest {
         }
     }
 
+    /// A round trip the guest answers after waiting `after`: the channel with an exec's timing
+    /// (its answer follows the command's run). Returns the round trip and the guest's wait.
+    pub async fn echo_after(&self, after: Duration) -> Result<(Duration, Duration), ChannelError> {
+        let us = u32::try_from(after.as_micros()).unwrap_or(u32::MAX);
+        let t = Instant::now();
+        match self.control(&ControlRequest::Wait { us }).await? {
+            ControlResponse::Waited { us } => Ok((t.elapsed(), Duration::from_micros(us))),
+            _ => Err(ChannelError::Unexpected(
+                "something other than the end of a wait",
+            )),
+        }
+    }
+
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, ChannelError> {
         match self
             .control(&ControlRequest::ReadFile {

@@ -9,10 +9,15 @@
 //!   (`CAPSEM_WARM=0`, a second service) is timed in the same loop and reported beside it.
 //! - P2: API exec round trip of `true` on a running session (p50), next to the channel echo p50
 //!   (measured inside capsem-process) and the guest's own spawn→reap time of `true` (p50, timed
-//!   in the guest). Added overhead = exec − echo − spawn.
+//!   in the guest). Added overhead = exec − echo − spawn, reported against two echoes: back to
+//!   back, and with an exec's timing (sent at once, answered after the guest waited as long as
+//!   the spawn takes, the wait taken off), whose legs meet the path as warm or as cold as the
+//!   exec's own: on this machine an answer after a few milliseconds of quiet costs far more.
 //!   Beside it, the same echo after the channel was quiet as long as that spawn: the share of
 //!   the overhead that is the path waking from idle; and each exec split into its HTTP hops and
-//!   the time capsem-process spent beyond the guest's spawn (`ExecResponse::process_us`).
+//!   the time capsem-process spent beyond the guest's spawn (`ExecResponse::process_us`);
+//!   the echo after about as long a quiet as an exec request finds; and, for scale, the same
+//!   wake-from-idle on this machine without a VM (two threads and a socket pair).
 //! - Boot → exec-ready of `create`, and RSS and idle CPU of QEMU + capsem-process for an idle
 //!   `--ram 4` session.
 
@@ -172,11 +177,29 @@ fn main() {
     let mut spawn_ms = Vec::new();
     let mut hops_ms = Vec::new();
     let mut inside_ms = Vec::new();
+    // After each exec, the channel echo with that exec's timing (measured inside
+    // capsem-process): sent at once, answered after the guest waited as long as that exec's
+    // spawn took, the wait taken off. Interleaved, so that both see the machine in one state.
+    let mut exec_timed_echo_ms = Vec::new();
+    let mut pair_ms = Vec::new();
+    let echo_path = format!("/vms/{}/bench/echo", info.id);
     rt.block_on(async {
         for i in 0..n + 20 {
             let t = Instant::now();
             let r: ExecResponse = client.post(&exec_path, &req).await.unwrap();
             let el = t.elapsed().as_secs_f64() * 1000.0;
+            let timed: EchoBenchResponse = client
+                .post(
+                    &echo_path,
+                    &EchoBenchRequest {
+                        count: 1,
+                        size: 0,
+                        gap_us: 0,
+                        reply_after_us: r.guest_spawn_us as u32,
+                    },
+                )
+                .await
+                .unwrap();
             if i >= 20 {
                 exec_ms.push(el);
                 spawn_ms.push(r.guest_spawn_us as f64 / 1000.0);
@@ -184,6 +207,10 @@ fn main() {
                 // the process's part beyond the guest's spawn (channel, guest handling, handler).
                 hops_ms.push(el - r.process_us as f64 / 1000.0);
                 inside_ms.push((r.process_us as f64 - r.guest_spawn_us as f64) / 1000.0);
+                exec_timed_echo_ms.push(timed.samples_us[0] as f64 / 1000.0);
+                pair_ms.push(
+                    el - r.guest_spawn_us as f64 / 1000.0 - timed.samples_us[0] as f64 / 1000.0,
+                );
             }
         }
     });
@@ -192,11 +219,12 @@ fn main() {
     let echo_ms = |gap_us: u32| -> Vec<f64> {
         let r: EchoBenchResponse = rt
             .block_on(client.post(
-                &format!("/vms/{}/bench/echo", info.id),
+                &echo_path,
                 &EchoBenchRequest {
                     count: n as u32 + 20,
                     size: 0,
                     gap_us,
+                    reply_after_us: 0,
                 },
             ))
             .unwrap();
@@ -211,18 +239,21 @@ fn main() {
     // comes after such a quiet spell).
     let spawn_p50_us = (median(&mut spawn_ms) * 1000.0) as u32;
     let mut quiet_echo_ms = echo_ms(spawn_p50_us);
+    // ... and after about as long a quiet as an exec request finds (the HTTP hops between one
+    // exec's answer and the next request; tokio's timer makes it 1-2 ms).
+    let mut short_quiet_echo_ms = echo_ms(1000);
     // The same echo, one per API call: the host's HTTP hops (client → service → process).
     let mut api_echo_ms = Vec::new();
     rt.block_on(async {
-        let path = format!("/vms/{}/bench/echo", info.id);
         let one = EchoBenchRequest {
             count: 1,
             size: 0,
             gap_us: 0,
+            reply_after_us: 0,
         };
         for i in 0..n + 20 {
             let t = Instant::now();
-            let _: EchoBenchResponse = client.post(&path, &one).await.unwrap();
+            let _: EchoBenchResponse = client.post(&echo_path, &one).await.unwrap();
             if i >= 20 {
                 api_echo_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             }
@@ -269,8 +300,27 @@ fn main() {
         quiet_echo_p50 - echo_p50
     );
     println!(
-        "P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms)",
+        "   echo after ~1 ms quiet              p50 {:8.3} ms",
+        median(&mut short_quiet_echo_ms)
+    );
+    let (warm_us, cold_us) = host_ping_pong(spawn_p50_us);
+    println!(
+        "   host alone, no VM: UDS ping-pong between two threads p50 {warm_us:.1} us back to back, \
+         {cold_us:.1} us after {:.1} ms quiet",
+        spawn_p50_us as f64 / 1000.0
+    );
+    println!(
+        "P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms), against the back-to-back echo",
         exec_p50 - echo_p50 - spawn_p50
+    );
+    let timed_echo_p50 = median(&mut exec_timed_echo_ms);
+    println!(
+        "P2 channel echo with an exec's timing   p50 {timed_echo_p50:8.3} ms  (after each exec, answered once the guest waited as long as its spawn; wait taken off)"
+    );
+    println!(
+        "P2 added overhead exec-echo-spawn          {:8.3} ms (target <= 1 ms), against the echo with an exec's timing; per pair p50 {:.3} ms",
+        exec_p50 - timed_echo_p50 - spawn_p50,
+        median(&mut pair_ms)
     );
     println!(
         "RSS idle --ram 4 session: qemu {} MiB + capsem-process {} MiB = {} MiB",
@@ -281,6 +331,42 @@ fn main() {
     println!(
         "CPU idle --ram 4 session (5 s):  qemu {idle_qemu:.2} % + capsem-process {idle_proc:.2} % of one core"
     );
+}
+
+/// This machine's own cost of waking from idle, without a VM: p50 round trip (µs) of one byte
+/// between two threads over a UNIX socket pair, back to back and after `gap_us` of quiet.
+fn host_ping_pong(gap_us: u32) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() {
+            if b.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let mut run = |gap: std::time::Duration| {
+        let mut v = Vec::new();
+        let mut byte = [7u8; 1];
+        for i in 0..320 {
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+            let t = Instant::now();
+            a.write_all(&byte).expect("ping");
+            a.read_exact(&mut byte).expect("pong");
+            if i >= 20 {
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        median(&mut v)
+    };
+    let warm = run(std::time::Duration::ZERO);
+    let cold = run(std::time::Duration::from_micros(gap_us.into()));
+    drop(a);
+    let _ = echo.join();
+    (warm, cold)
 }
 
 /// Raw QEMU boot of the same kernel + initrd to `/init`, which prints the probe line and powers

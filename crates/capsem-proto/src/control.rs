@@ -29,12 +29,25 @@ pub enum ControlRequest {
         seed: ByteBuf,
         unix_ns: u64,
     },
+    /// Answer [`ControlResponse::Waited`] after waiting `us` microseconds: an echo with an
+    /// exec's timing, whose answer also comes after a quiet spell (the command's run).
+    Wait { us: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlResponse {
-    Echo { payload: ByteBuf },
-    File { data: ByteBuf },
+    Echo {
+        payload: ByteBuf,
+    },
+    File {
+        data: ByteBuf,
+    },
     Done,
-    Error { message: String },
+    Error {
+        message: String,
+    },
+    /// How long the guest actually waited (its timer's granularity makes it a little longer).
+    Waited {
+        us: u64,
+    },
 }

@@ -22,7 +22,7 @@ pub mod terminal;
 use serde::{Deserialize, Serialize};
 
 /// Version of the guest protocol. Bump it on any change to a message type.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Name of the virtio-serial port that carries the channel.
 pub const CHANNEL_PORT_NAME: &str = "capsem.0";

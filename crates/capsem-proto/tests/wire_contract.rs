@@ -33,7 +33,7 @@ fn exit_tag_leads_the_exit_frame() {
 
 #[test]
 fn protocol_version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(PROTOCOL_VERSION, 4);
 }
 
 #[test]
@@ -67,6 +67,8 @@ fn encodings_are_stable() {
             "03000000 000107",
         ),
         (hex(&ControlResponse::Done), "01000000 02"),
+        (hex(&ControlRequest::Wait { us: 300 }), "03000000 06ac02"),
+        (hex(&ControlResponse::Waited { us: 300 }), "03000000 04ac02"),
         (
             hex(&ControlRequest::TrustCa { pem: "P".into() }),
             "03000000 040150",

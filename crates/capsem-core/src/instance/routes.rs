@@ -283,12 +283,24 @@ async fn echo_bench(
     } else {
         count.min((60_000_000 / gap.as_micros()).max(1) as u32)
     };
+    let reply_after = Duration::from_micros(req.reply_after_us.min(1_000_000).into());
+    // No more than a minute of waiting in the guest either.
+    let count = if reply_after.is_zero() {
+        count
+    } else {
+        count.min((60_000_000 / reply_after.as_micros()).max(1) as u32)
+    };
     let mut samples_us = Vec::with_capacity(count as usize);
     for _ in 0..count {
         if !gap.is_zero() {
             tokio::time::sleep(gap).await;
         }
-        let d = inst.guest.echo(vec![0x5a; size]).await?;
+        let d = if reply_after.is_zero() {
+            inst.guest.echo(vec![0x5a; size]).await?
+        } else {
+            let (round_trip, waited) = inst.guest.echo_after(reply_after).await?;
+            round_trip.saturating_sub(waited)
+        };
         samples_us.push(d.as_micros() as u64);
     }
     Ok(Json(EchoBenchResponse { samples_us }))
