@@ -277,18 +277,13 @@ async fn echo_bench(
     let size = (req.size as usize).min(capsem_proto::frame::CHUNK);
     // tokio's timer counts whole milliseconds: a gap under 1 ms sleeps about 1 ms.
     let gap = Duration::from_micros(req.gap_us.min(1_000_000).into());
-    // No more than a minute of quiet in all.
-    let count = if gap.is_zero() {
-        count
-    } else {
-        count.min((60_000_000 / gap.as_micros()).max(1) as u32)
-    };
     let reply_after = Duration::from_micros(req.reply_after_us.min(1_000_000).into());
-    // No more than a minute of waiting in the guest either.
-    let count = if reply_after.is_zero() {
+    // No more than a minute of quiet and waiting in all.
+    let idle = gap + reply_after;
+    let count = if idle.is_zero() {
         count
     } else {
-        count.min((60_000_000 / reply_after.as_micros()).max(1) as u32)
+        count.min((60_000_000 / idle.as_micros()).max(1) as u32)
     };
     let mut samples_us = Vec::with_capacity(count as usize);
     for _ in 0..count {
