@@ -7,6 +7,8 @@ use capsem_proto::frame::{self, FrameError, MAX_FRAME};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::exec::FIRST_READ;
+
 pub struct FrameReader<S> {
     inner: S,
     buf: Vec<u8>,
@@ -53,9 +55,9 @@ impl<S: AsyncRead + Unpin> FrameReader<S> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            // Small first reservation (see `exec::FIRST_READ`: musl maps and unmaps larger
-            // buffers per stream); a long frame reserves its whole length at once.
-            let need = want.saturating_sub(self.buf.len()).max(512);
+            // As small a first reservation as the output buffers' (see `FIRST_READ`: musl maps
+            // and unmaps larger ones per stream); a long frame reserves its whole length at once.
+            let need = want.saturating_sub(self.buf.len()).max(FIRST_READ);
             self.buf.reserve(need);
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {

@@ -116,7 +116,11 @@ async fn requests(direct: &Target, via: &Target, conns: usize, round: Duration, 
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
     // One path only, a line per round: for profiling one side (`perf record` of this alone).
     if let Ok(only) = std::env::var("BENCH_PATH") {
-        let t = if only == "proxy" { via } else { direct };
+        let t = match only.as_str() {
+            "direct" => direct,
+            "proxy" => via,
+            other => panic!("BENCH_PATH={other}: expected direct or proxy"),
+        };
         for _ in 0..rounds {
             let (r, c, l) = load(t, conns, round).await;
             println!(
