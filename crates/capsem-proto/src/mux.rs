@@ -1,7 +1,8 @@
 //! Stream multiplexer over the channel: a yamux session driven by one task.
 //!
 //! [`Mux::start`] takes the raw channel (the virtio-serial port in the guest, the QEMU chardev
-//! socket on the host), buffers it both ways ([`CHANNEL_BUFFER`]) and spawns the driver task,
+//! socket on the host), buffers it both ways ([`CHANNEL_BUFFER`], writes sent once per turn of
+//! the driver) and spawns the driver task,
 //! which alone touches the `yamux::Connection`. Other tasks open streams through
 //! [`MuxHandle::open`] and receive the peer's streams on the inbound queue. Streams come back as
 //! tokio `AsyncRead + AsyncWrite` with their [`StreamOpen`] header already written (outbound) or
@@ -9,7 +10,10 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::task::Poll;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +35,7 @@ pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
 /// VM exit, then a chardev write on the host). Buffered, a frame leaves in one write (in the
 /// guest, one per 32 KiB: the virtio console takes no more at once), and on the host one read
 /// brings in every frame the socket holds (the guest's console hands out one 4 KiB buffer a
-/// read at most).
+/// read at most). See [`Channel`] for when the write buffer goes out.
 pub const CHANNEL_BUFFER: usize = SPLIT_SEND_SIZE + 4096;
 
 /// One multiplexed stream, usable with tokio I/O.
@@ -91,7 +95,8 @@ impl Mux {
             Side::Host => yamux::Mode::Client,
             Side::Guest => yamux::Mode::Server,
         };
-        let io = tokio::io::BufStream::with_capacity(CHANNEL_BUFFER, CHANNEL_BUFFER, io);
+        let io = Channel::new(io);
+        let flusher = io.clone();
         let mut conn = yamux::Connection::new(io.compat(), cfg, mode);
         let (open_tx, mut open_rx) = mpsc::unbounded_channel::<OpenReply>();
         let (in_tx, in_rx) = mpsc::channel(64);
@@ -128,7 +133,18 @@ impl Mux {
                             return Poll::Ready(());
                         }
                         Poll::Ready(None) => return Poll::Ready(()),
-                        Poll::Pending => return Poll::Pending,
+                        // Nothing more to do this turn: what the turn wrote leaves now, in
+                        // one write. Pending here means the channel is full; its readiness
+                        // wakes this task again.
+                        Poll::Pending => {
+                            return match flusher.poll_send(cx) {
+                                Poll::Ready(Err(e)) => {
+                                    tracing::debug!(error = %e, "mux channel write failed");
+                                    Poll::Ready(())
+                                }
+                                _ => Poll::Pending,
+                            };
+                        }
                     }
                 }
             })
@@ -139,6 +155,108 @@ impl Mux {
             let _ = done_tx.send(());
         });
         (MuxHandle { open_tx }, in_rx, done_rx)
+    }
+}
+
+/// The channel under yamux: reads buffered, writes gathered for a whole turn of the driver.
+///
+/// yamux flushes after every frame. Here that flush only marks the frame as written; the
+/// driver sends what its turn gathered once yamux has nothing more to do ([`Channel::poll_send`]),
+/// so frames of several streams that are ready together cross in one write (one system call
+/// on the host's chardev socket, one virtqueue kick in the guest) and wake the peer once.
+/// Nothing waits for a later turn: the driver sends before it sleeps.
+struct Channel<T> {
+    state: Arc<Mutex<ChannelState<T>>>,
+}
+
+struct ChannelState<T> {
+    io: tokio::io::BufReader<T>,
+    /// Written by yamux, not yet sent; `sent` bytes of it have left.
+    out: Vec<u8>,
+    sent: usize,
+}
+
+impl<T> Clone for Channel<T> {
+    fn clone(&self) -> Self {
+        Channel {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Channel<T> {
+    fn new(io: T) -> Self {
+        Channel {
+            state: Arc::new(Mutex::new(ChannelState {
+                io: tokio::io::BufReader::with_capacity(CHANNEL_BUFFER, io),
+                out: Vec::with_capacity(CHANNEL_BUFFER),
+                sent: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState<T>> {
+        // Only the driver task touches the channel; a poisoned lock still holds valid bytes.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Send everything gathered so far, then flush the channel.
+    fn poll_send(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.lock().poll_send(cx)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> ChannelState<T> {
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.out.clear();
+        self.sent = 0;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Channel<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.lock().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Channel<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut st = self.lock();
+        if st.out.len() + data.len() > CHANNEL_BUFFER {
+            ready!(st.poll_send(cx))?;
+        }
+        if data.len() >= CHANNEL_BUFFER {
+            return Pin::new(&mut st.io).poll_write(cx, data);
+        }
+        st.out.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    /// yamux's flush after each frame: the frame is gathered; the driver sends the turn.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.lock();
+        ready!(st.poll_send(cx))?;
+        Pin::new(&mut st.io).poll_shutdown(cx)
     }
 }
 

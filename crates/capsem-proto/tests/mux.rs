@@ -146,3 +146,55 @@ async fn a_tls_record_is_one_frame_in_one_write() {
     assert_eq!(len, record.len());
     assert_eq!(first, last, "the frame left in one write");
 }
+
+/// Frames that several streams send in one turn of the driver leave together: one write of
+/// the channel (one system call, one wake-up of the peer), not one each; and none is held back.
+#[tokio::test(flavor = "current_thread")]
+async fn frames_of_one_turn_leave_in_one_write() {
+    const STREAMS: usize = 6;
+    let (h, g) = tokio::io::duplex(1 << 20);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let h = Recording {
+        inner: h,
+        writes: writes.clone(),
+    };
+    let (host, _host_in, _hd) = Mux::start(h, Side::Host);
+    let (_guest, mut guest_in, _gd) = Mux::start(g, Side::Guest);
+    let mut host_streams = Vec::new();
+    let mut guest_streams = Vec::new();
+    for _ in 0..STREAMS {
+        host_streams.push(host.open(port::CONTROL).await.unwrap());
+        guest_streams.push(accept(guest_in.recv().await.unwrap()).await.unwrap().stream);
+    }
+
+    // On this one-thread runtime the writers all run before the driver they wake.
+    let before = writes.lock().unwrap().len();
+    let writers: Vec<_> = host_streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            tokio::spawn(async move {
+                s.write_all(&[i as u8; 100]).await.unwrap();
+                s.flush().await.unwrap();
+                s
+            })
+        })
+        .collect();
+    for (i, s) in guest_streams.iter_mut().enumerate() {
+        let mut got = [0u8; 100];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [i as u8; 100]);
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let during = writes.lock().unwrap()[before..].to_vec();
+    assert_eq!(
+        during.len(),
+        1,
+        "{STREAMS} frames in {} writes of {:?} bytes",
+        during.len(),
+        during.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert!(during[0].len() >= STREAMS * (12 + 100));
+}

@@ -244,12 +244,6 @@ impl Conn {
                 ),
             );
         }
-        // A name the user mapped is reached where they said; any other only at a public address.
-        let overridden = policy.upstream_for(&host);
-        let inward_ok = overridden.is_some();
-        let target = overridden
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 }));
         let api = models::recognize(&host, method.as_str(), &path);
         if api.is_some() {
             // Read usage from plain bytes: ask the upstream not to compress.
@@ -282,6 +276,13 @@ impl Conn {
                     Some(Ok(c)) => Some(c),
                     None => None,
                 };
+                // A name the user mapped is reached where they said; any other only at a
+                // public address.
+                let overridden = policy.upstream_for(&host);
+                let inward_ok = overridden.is_some();
+                let target = overridden.map(str::to_string).unwrap_or_else(|| {
+                    format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 })
+                });
                 match connect_upstream(&host, &target, inward_ok, tls).await {
                     Ok(s) => s,
                     Err(Refused::Inward(e)) => {
@@ -336,12 +337,16 @@ impl Conn {
         } else {
             *slot = Some((host.clone(), sender));
         }
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        // Only a model call's body is read, and only then its type matters.
+        let content_type = match api {
+            Some(_) => resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            None => String::new(),
+        };
         let event = NetEvent {
             domain: host,
             port: self.port,
@@ -633,9 +638,12 @@ impl Tap {
         ctx.event.bytes_up = ctx.bytes_up.load(Ordering::Relaxed);
         ctx.event.bytes_down = self.bytes;
         ctx.event.duration = duration;
-        let path = ctx.event.path.clone();
+        let model = match (ctx.api, self.buf.take()) {
+            (Some(api), Some(buf)) => Some((api, ctx.event.path.clone(), buf)),
+            _ => None,
+        };
         ctx.net.record(Event::Net(ctx.event));
-        if let (Some(api), Some(buf)) = (ctx.api, self.buf.take()) {
+        if let Some((api, path, buf)) = model {
             if let Some(u) = models::parse(api, &path, &ctx.content_type, &buf) {
                 let cost = crate::telemetry::prices::cost(
                     &u.model,

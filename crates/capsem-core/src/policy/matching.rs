@@ -2,19 +2,35 @@
 //! not the apex), `*` (anything); case-insensitive, trailing dot ignored. Paths: a pattern with
 //! `*` is a glob (`*` matches any run of characters, `/` included); without `*` it is a prefix.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Lowercase and drop a trailing dot (DNS names are case-insensitive; `example.com.` is absolute).
-pub fn normalize(domain: &str) -> String {
-    domain.trim_end_matches('.').to_ascii_lowercase()
+pub fn normalize(domain: &str) -> Cow<'_, str> {
+    let d = domain.trim_end_matches('.');
+    if d.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(d.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(d)
+    }
 }
 
 /// A request path as the policy judges it: no query or fragment, percent-escapes of unreserved
 /// characters and of `/` decoded (`%76` is `v`; many servers route `%2F` as `/`), runs of `/`
 /// collapsed, `.` and `..` segments resolved. A server reads `/v1/x`, `//v1/x`, `/%761/x` and
 /// `/a/../v1/x` alike, so a path rule must too. Other escapes stay as they are.
-pub fn canonical_path(path: &str) -> String {
+pub fn canonical_path(path: &str) -> Cow<'_, str> {
     let path = path.split(['?', '#']).next().unwrap_or("");
+    // Most paths already are canonical: judged as they are, without a copy.
+    if is_canonical(path) {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(rebuild(path))
+    }
+}
+
+/// [`canonical_path`] the long way, for a path without its query and fragment.
+pub(super) fn rebuild(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -52,6 +68,18 @@ pub fn canonical_path(path: &str) -> String {
     out
 }
 
+/// Already what [`canonical_path`] would make of it: rooted, no escapes, no `.` or `..`
+/// segment, no empty segment but a trailing one.
+fn is_canonical(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segments = rest.split('/').peekable();
+    !path.contains('%')
+        && std::iter::from_fn(|| segments.next().map(|s| (s, segments.peek().is_none())))
+            .all(|(seg, last)| !matches!(seg, "." | "..") && (last || !seg.is_empty()))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainPattern {
     Any,
@@ -62,7 +90,7 @@ pub enum DomainPattern {
 
 impl DomainPattern {
     pub fn parse(p: &str) -> Option<DomainPattern> {
-        let p = normalize(p.trim());
+        let p = normalize(p.trim()).into_owned();
         if p == "*" {
             return Some(DomainPattern::Any);
         }

@@ -275,7 +275,7 @@ impl Policy {
                     target: target.clone(),
                 });
             }
-            upstream_override.insert(matching::normalize(domain), target.clone());
+            upstream_override.insert(matching::normalize(domain).into_owned(), target.clone());
         }
         Ok(Policy {
             default: s.default.unwrap_or(Action::Deny),
@@ -292,7 +292,7 @@ impl Policy {
     pub fn decide(&self, domain: &str, method: &str, path: &str) -> Decision {
         let domain = matching::normalize(domain);
         let path = matching::canonical_path(path);
-        let path = path.as_str();
+        let path = &*path;
         if let Some(p) = self.block.iter().find(|p| p.matches(&domain)) {
             return deny(format!("block {p}"));
         }
@@ -343,7 +343,7 @@ impl Policy {
     /// Where to connect for `domain` instead of its real address (mirrors, test stand-ins).
     pub fn upstream_for(&self, domain: &str) -> Option<&str> {
         self.upstream_override
-            .get(&matching::normalize(domain))
+            .get(&*matching::normalize(domain))
             .map(String::as_str)
     }
 

@@ -291,4 +291,27 @@ fn a_path_rule_sees_through_spellings_of_the_same_path() {
     assert_eq!(c("/a/b/.."), "/a/");
     assert_eq!(c("/a/%7Eu/%zz"), "/a/~u/%zz");
     assert_eq!(c("/%"), "/%");
+    assert_eq!(c("//a"), "/a");
+    assert_eq!(c("/a//"), "/a/");
+    assert_eq!(c("/a/./b"), "/a/b");
+    assert_eq!(c("/./"), "/");
+    assert_eq!(c("/a?x=/../b"), "/a");
+    // The short cut agrees with the long way on every path of up to six of these characters.
+    let alphabet = ['/', '.', 'a', '%', '7', '6'];
+    let mut paths = vec![String::new()];
+    for _ in 0..6 {
+        let longer: Vec<String> = paths
+            .iter()
+            .flat_map(|p| alphabet.iter().map(move |ch| format!("{p}{ch}")))
+            .collect();
+        for path in &longer {
+            assert_eq!(c(path), super::matching::rebuild(path), "{path:?}");
+        }
+        paths = longer;
+    }
+    // Paths that already are canonical come back as they are, without a copy.
+    for path in ["/", "/a", "/a/b/", "/v1/messages", "/a.b/..c/.d"] {
+        assert!(matches!(c(path), std::borrow::Cow::Borrowed(_)), "{path}");
+        assert_eq!(c(path), path);
+    }
 }
