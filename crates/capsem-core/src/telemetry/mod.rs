@@ -182,15 +182,20 @@ fn writer(mut db: rusqlite::Connection, rx: mpsc::Receiver<(u64, Event)>) {
 fn write_batch(db: &mut rusqlite::Connection, batch: &[(u64, Event)]) -> rusqlite::Result<()> {
     use rusqlite::params;
     let tx = db.transaction()?;
+    // Requests are most of a batch: their statement is looked up once, not once a row.
+    let mut net = None;
     for (ts, ev) in batch {
         match ev {
             Event::Net(n) => {
-                tx.prepare_cached(
-                    "INSERT INTO net_events (ts_ms, domain, port, method, path, status, bytes_up,
-                     bytes_down, duration_ms, decision, rule, process)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?
-                .execute(params![
+                let stmt = match &mut net {
+                    Some(s) => s,
+                    None => net.insert(tx.prepare_cached(
+                        "INSERT INTO net_events (ts_ms, domain, port, method, path, status,
+                         bytes_up, bytes_down, duration_ms, decision, rule, process)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    )?),
+                };
+                stmt.execute(params![
                     ts,
                     n.domain,
                     n.port,
@@ -245,6 +250,7 @@ fn write_batch(db: &mut rusqlite::Connection, batch: &[(u64, Event)]) -> rusqlit
             }
         }
     }
+    drop(net);
     tx.commit()
 }
 
