@@ -1,7 +1,7 @@
 //! The multiplexer carries many concurrent streams both ways over one byte pipe.
 
 use capsem_proto::frame;
-use capsem_proto::mux::{accept, Mux, Side};
+use capsem_proto::mux::{accept, Mux, MuxHandle, Side};
 use capsem_proto::port;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -91,12 +91,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Recording<T> {
     }
 }
 
-/// A full TLS record (16 KiB of plaintext and 22 bytes) written to a stream crosses the channel
-/// as one frame (yamux's own split size would cut it in two), and the frame's header and body
-/// leave in one write of the channel (yamux writes them separately).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_record_is_one_frame_in_one_write() {
-    const HEADER: usize = 12;
+/// A host and a guest session over an in-memory pipe, every write of the host's end recorded:
+/// the host's handle, the guest's inbound streams, the writes.
+fn recorded_pair() -> (
+    MuxHandle,
+    tokio::sync::mpsc::Receiver<yamux::Stream>,
+    Arc<Mutex<Vec<Vec<u8>>>>,
+) {
     let (h, g) = tokio::io::duplex(1 << 20);
     let writes = Arc::new(Mutex::new(Vec::new()));
     let h = Recording {
@@ -104,7 +105,17 @@ async fn a_tls_record_is_one_frame_in_one_write() {
         writes: writes.clone(),
     };
     let (host, _host_in, _hd) = Mux::start(h, Side::Host);
-    let (_guest, mut guest_in, _gd) = Mux::start(g, Side::Guest);
+    let (_guest, guest_in, _gd) = Mux::start(g, Side::Guest);
+    (host, guest_in, writes)
+}
+
+/// A full TLS record (16 KiB of plaintext and 22 bytes) written to a stream crosses the channel
+/// as one frame (yamux's own split size would cut it in two), and the frame's header and body
+/// leave in one write of the channel (yamux writes them separately).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_record_is_one_frame_in_one_write() {
+    const HEADER: usize = 12;
+    let (host, mut guest_in, writes) = recorded_pair();
     let mut s = host.open(port::CONTROL).await.unwrap();
     let mut inb = accept(guest_in.recv().await.unwrap()).await.unwrap();
 
@@ -152,14 +163,7 @@ async fn a_tls_record_is_one_frame_in_one_write() {
 #[tokio::test(flavor = "current_thread")]
 async fn frames_of_one_turn_leave_in_one_write() {
     const STREAMS: usize = 6;
-    let (h, g) = tokio::io::duplex(1 << 20);
-    let writes = Arc::new(Mutex::new(Vec::new()));
-    let h = Recording {
-        inner: h,
-        writes: writes.clone(),
-    };
-    let (host, _host_in, _hd) = Mux::start(h, Side::Host);
-    let (_guest, mut guest_in, _gd) = Mux::start(g, Side::Guest);
+    let (host, mut guest_in, writes) = recorded_pair();
     let mut host_streams = Vec::new();
     let mut guest_streams = Vec::new();
     for _ in 0..STREAMS {
