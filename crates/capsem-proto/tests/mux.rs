@@ -55,10 +55,13 @@ async fn streams_open_both_ways_and_carry_data() {
     assert_eq!(v, 42);
 }
 
+/// Every write that reached a channel end, in order.
+type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// A channel end that records every write reaching it.
 struct Recording<T> {
     inner: T,
-    writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    writes: Writes,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Recording<T> {
@@ -96,7 +99,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Recording<T> {
 fn recorded_pair() -> (
     MuxHandle,
     tokio::sync::mpsc::Receiver<yamux::Stream>,
-    Arc<Mutex<Vec<Vec<u8>>>>,
+    Writes,
 ) {
     let (h, g) = tokio::io::duplex(1 << 20);
     let writes = Arc::new(Mutex::new(Vec::new()));
