@@ -3,9 +3,10 @@
 //! Run: `cargo bench -p capsem-core --bench proxy` (`BENCH_SECS` per round, default 3;
 //! `BENCH_ROUNDS` rounds of each path, alternating, default 5; `BENCH_CONNS` concurrent
 //! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half and
-//! `BENCH_PATH=direct|proxy` one path only, for profiling). Besides throughput
-//! it reports the CPU time the process spent per request and per download: on a noisy machine
-//! that ratio moves far less than the wall-clock one.
+//! `BENCH_PATH=direct|proxy|bare` one path only, for profiling; `bare` is the proxy without
+//! the channel's multiplexer). Besides throughput it reports the CPU time the process spent
+//! per request and per download: on a noisy machine that ratio moves far less than the
+//! wall-clock one.
 //!
 //! The proxy path is the real one minus the VM: the client plays the guest relay — one yamux
 //! session over a UNIX socket (as QEMU's chardev is), a stream per connection with the
@@ -69,6 +70,7 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
     let recorder = capsem_core::telemetry::Recorder::open(&dir.path().join("session.db")).unwrap();
     let recorder = (std::env::var_os("BENCH_NO_RECORD").is_none()).then_some(recorder);
     let net = Arc::new(Network::new(ca.clone(), policy, recorder));
+    let bare_net = net.clone();
     // The channel: a yamux session over a UNIX socket pair, host side feeding the proxy.
     let (host_io, guest_io) = tokio::net::UnixStream::pair().unwrap();
     let (_host, mut inbound, _closed) = Mux::start(host_io, Side::Host);
@@ -86,11 +88,21 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
     let direct = Target {
         port: up_port,
         relay: None,
+        bare: None,
         roots: up_ca,
     };
     let via = Target {
         port: 0,
         relay: Some(guest),
+        bare: None,
+        roots: ca.cert_der(),
+    };
+    // The proxy without the channel's multiplexer: a UNIX socket pair per connection straight
+    // into the same `Network` (diagnostic only: `BENCH_PATH=bare`).
+    let bare = Target {
+        port: 0,
+        relay: None,
+        bare: Some(bare_net),
         roots: ca.cert_der(),
     };
     println!(
@@ -102,20 +114,27 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
     );
     let part = std::env::var("BENCH_PART").unwrap_or_default();
     if part != "download" {
-        requests(&direct, &via, conns, round, rounds).await;
+        requests(&direct, &via, &bare, conns, round, rounds).await;
     }
     if part != "requests" {
-        downloads(&direct, &via, rounds).await;
+        downloads(&direct, &via, &bare, rounds).await;
     }
 }
 
 /// `rounds` rounds of small keep-alive GETs each way, alternating; medians and percentiles.
-async fn requests(direct: &Target, via: &Target, conns: usize, round: Duration, rounds: usize) {
+async fn requests(
+    direct: &Target,
+    via: &Target,
+    bare: &Target,
+    conns: usize,
+    round: Duration,
+    rounds: usize,
+) {
     let (mut d_rps, mut p_rps) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
     // One path only, a line per round: for profiling one side (`perf record` of this alone).
-    if let Some((only, t)) = only_path(direct, via) {
+    if let Some((only, t)) = only_path(direct, via, bare) {
         for _ in 0..rounds {
             let (r, c, l) = load(t, conns, round).await;
             println!(
@@ -156,12 +175,19 @@ async fn requests(direct: &Target, via: &Target, conns: usize, round: Duration, 
 }
 
 /// `BENCH_PATH`, when set: the one path to run, for profiling it alone.
-fn only_path<'a>(direct: &'a Target, via: &'a Target) -> Option<(String, &'a Target)> {
+/// `bare` is the proxy reached without the channel's multiplexer (a socket pair per
+/// connection), to tell the channel's share of the proxy path from the proxy's own.
+fn only_path<'a>(
+    direct: &'a Target,
+    via: &'a Target,
+    bare: &'a Target,
+) -> Option<(String, &'a Target)> {
     let only = std::env::var("BENCH_PATH").ok()?;
     let t = match only.as_str() {
         "direct" => direct,
         "proxy" => via,
-        other => panic!("BENCH_PATH={other}: expected direct or proxy"),
+        "bare" => bare,
+        other => panic!("BENCH_PATH={other}: expected direct, proxy or bare"),
     };
     Some((only, t))
 }
@@ -179,10 +205,10 @@ fn ceiling(what: &str, own: f64, unit: &str, ends: f64) {
 }
 
 /// `rounds` 100 MiB downloads each way, alternating; medians.
-async fn downloads(direct: &Target, via: &Target, rounds: usize) {
+async fn downloads(direct: &Target, via: &Target, bare: &Target, rounds: usize) {
     let (mut d_mb, mut p_mb) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
-    if let Some((only, t)) = only_path(direct, via) {
+    if let Some((only, t)) = only_path(direct, via, bare) {
         for _ in 0..rounds {
             let (r, c) = download(t).await;
             println!("{only:7} {r:6.0} MiB/s  cpu {c:.0} ms per 100 MiB");
@@ -214,6 +240,8 @@ struct Target {
     port: u16,
     /// ...or the guest end of the channel: open a stream and send the `NetOpen` frame first.
     relay: Option<MuxHandle>,
+    /// ...or the proxy itself, reached over a UNIX socket pair of its own per connection.
+    bare: Option<Arc<Network>>,
     roots: CertificateDer<'static>,
 }
 
@@ -221,6 +249,22 @@ type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn connect(t: &Target) -> Sender {
     let io: Box<dyn Io> = match &t.relay {
+        None if t.bare.is_some() => {
+            let (mine, theirs) = tokio::net::UnixStream::pair().unwrap();
+            let net = t.bare.clone().unwrap();
+            tokio::spawn(net.handle(theirs));
+            let mut s = mine;
+            capsem_proto::frame::write_frame(
+                &mut s,
+                &NetOpen::Tcp {
+                    port: 443,
+                    process: None,
+                },
+            )
+            .await
+            .unwrap();
+            Box::new(s)
+        }
         Some(mux) => {
             let mut s = mux.open(capsem_proto::port::MITM).await.unwrap();
             capsem_proto::frame::write_frame(
