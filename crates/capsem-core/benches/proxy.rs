@@ -247,38 +247,29 @@ struct Target {
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
+/// A stream to the proxy, after the relay's `NetOpen` frame for port 443.
+async fn relayed<S: tokio::io::AsyncWrite + Unpin>(mut s: S) -> S {
+    let open = NetOpen::Tcp {
+        port: 443,
+        process: None,
+    };
+    capsem_proto::frame::write_frame(&mut s, &open)
+        .await
+        .unwrap();
+    s
+}
+
 async fn connect(t: &Target) -> Sender {
-    let io: Box<dyn Io> = match &t.relay {
-        None if t.bare.is_some() => {
+    let io: Box<dyn Io> = match (&t.relay, &t.bare) {
+        (Some(mux), _) => {
+            Box::new(relayed(mux.open(capsem_proto::port::MITM).await.unwrap()).await)
+        }
+        (None, Some(net)) => {
             let (mine, theirs) = tokio::net::UnixStream::pair().unwrap();
-            let net = t.bare.clone().unwrap();
-            tokio::spawn(net.handle(theirs));
-            let mut s = mine;
-            capsem_proto::frame::write_frame(
-                &mut s,
-                &NetOpen::Tcp {
-                    port: 443,
-                    process: None,
-                },
-            )
-            .await
-            .unwrap();
-            Box::new(s)
+            tokio::spawn(net.clone().handle(theirs));
+            Box::new(relayed(mine).await)
         }
-        Some(mux) => {
-            let mut s = mux.open(capsem_proto::port::MITM).await.unwrap();
-            capsem_proto::frame::write_frame(
-                &mut s,
-                &NetOpen::Tcp {
-                    port: 443,
-                    process: None,
-                },
-            )
-            .await
-            .unwrap();
-            Box::new(s)
-        }
-        None => {
+        (None, None) => {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
                 .await
                 .unwrap();
