@@ -105,6 +105,13 @@ impl Mux {
             let mut pending: VecDeque<OpenReply> = VecDeque::new();
             let mut requests_open = true;
             poll_fn(|cx| {
+                // What an earlier turn gathered but could not send goes first: that turn may
+                // have ended because tokio's budget ran out, not because the channel was full,
+                // and this turn's reading must not keep it waiting.
+                if let Poll::Ready(Err(e)) = flusher.poll_send(cx) {
+                    tracing::debug!(error = %e, "mux channel write failed");
+                    return Poll::Ready(());
+                }
                 while requests_open {
                     match open_rx.poll_recv(cx) {
                         Poll::Ready(Some(reply)) => pending.push_back(reply),
@@ -128,11 +135,17 @@ impl Mux {
                                 tracing::warn!("inbound stream queue full; dropping a stream");
                             }
                         }
+                        // The session is over; what the turn gathered (a GoAway, say) still
+                        // gets one try.
                         Poll::Ready(Some(Err(e))) => {
                             tracing::debug!(error = %e, "mux session ended with an error");
+                            let _ = flusher.poll_send(cx);
                             return Poll::Ready(());
                         }
-                        Poll::Ready(None) => return Poll::Ready(()),
+                        Poll::Ready(None) => {
+                            let _ = flusher.poll_send(cx);
+                            return Poll::Ready(());
+                        }
                         // Nothing more to do this turn: what the turn wrote leaves now, in
                         // one write. Pending here means the channel is full; its readiness
                         // wakes this task again.
@@ -164,7 +177,8 @@ impl Mux {
 /// driver sends what its turn gathered once yamux has nothing more to do ([`Channel::poll_send`]),
 /// so frames of several streams that are ready together cross in one write (one system call
 /// on the host's chardev socket, one virtqueue kick in the guest) and wake the peer once.
-/// Nothing waits for a later turn: the driver sends before it sleeps.
+/// Nothing waits for data that may never come: the driver sends at the end of every turn and,
+/// if that could not finish, first thing in the next.
 struct Channel<T> {
     state: Arc<Mutex<ChannelState<T>>>,
 }

@@ -10,7 +10,20 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_open_both_ways_and_carry_data() {
-    let (h, g) = tokio::io::duplex(64 * 1024);
+    carry_both_ways(64 * 1024).await;
+}
+
+/// A pipe far smaller than a frame: every write of the channel is partial and most find the
+/// pipe full, and still every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrow_pipe_carries_everything() {
+    carry_both_ways(512).await;
+}
+
+/// Twenty streams each send 300 000 bytes to a guest that echoes them back, over a pipe of
+/// `pipe` bytes; then the guest opens a stream towards the host.
+async fn carry_both_ways(pipe: usize) {
+    let (h, g) = tokio::io::duplex(pipe);
     let (host, mut _host_in, _hd) = Mux::start(h, Side::Host);
     let (guest, mut guest_in, _gd) = Mux::start(g, Side::Guest);
 
