@@ -13,7 +13,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
@@ -180,58 +180,35 @@ impl Mux {
 /// Nothing waits for data that may never come: the driver sends at the end of every turn and,
 /// if that could not finish, first thing in the next.
 struct Channel<T> {
-    state: Arc<Mutex<ChannelState<T>>>,
-}
-
-struct ChannelState<T> {
-    io: tokio::io::BufReader<T>,
-    /// Written by yamux, not yet sent; `sent` bytes of it have left.
-    out: Vec<u8>,
-    sent: usize,
+    /// tokio's buffered stream does the buffering both ways; only its flush is taken from
+    /// yamux and given to the driver.
+    io: Arc<Mutex<tokio::io::BufStream<T>>>,
 }
 
 impl<T> Clone for Channel<T> {
     fn clone(&self) -> Self {
         Channel {
-            state: self.state.clone(),
+            io: self.io.clone(),
         }
     }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Channel<T> {
     fn new(io: T) -> Self {
+        let io = tokio::io::BufStream::with_capacity(CHANNEL_BUFFER, CHANNEL_BUFFER, io);
         Channel {
-            state: Arc::new(Mutex::new(ChannelState {
-                io: tokio::io::BufReader::with_capacity(CHANNEL_BUFFER, io),
-                out: Vec::with_capacity(CHANNEL_BUFFER),
-                sent: 0,
-            })),
+            io: Arc::new(Mutex::new(io)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState<T>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, tokio::io::BufStream<T>> {
         // Only the driver task touches the channel; a poisoned lock still holds valid bytes.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Send everything gathered so far, then flush the channel.
     fn poll_send(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.lock().poll_send(cx)
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> ChannelState<T> {
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.out.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.sent += n;
-        }
-        self.out.clear();
-        self.sent = 0;
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut *self.lock()).poll_flush(cx)
     }
 }
 
@@ -241,7 +218,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Channel<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.lock().io).poll_read(cx, buf)
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
     }
 }
 
@@ -251,15 +228,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Channel<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut st = self.lock();
-        if st.out.len() + data.len() > CHANNEL_BUFFER {
-            ready!(st.poll_send(cx))?;
-        }
-        if data.len() >= CHANNEL_BUFFER {
-            return Pin::new(&mut st.io).poll_write(cx, data);
-        }
-        st.out.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        Pin::new(&mut *self.lock()).poll_write(cx, data)
     }
 
     /// yamux's flush after each frame: the frame is gathered; the driver sends the turn.
@@ -268,9 +237,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Channel<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut st = self.lock();
-        ready!(st.poll_send(cx))?;
-        Pin::new(&mut st.io).poll_shutdown(cx)
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
     }
 }
 
