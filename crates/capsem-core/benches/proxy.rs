@@ -85,25 +85,19 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
         }
     });
     let (guest, _guest_inbound, _guest_closed) = Mux::start(guest_io, Side::Guest);
-    let direct = Target {
-        port: up_port,
-        relay: None,
-        bare: None,
-        roots: up_ca,
-    };
-    let via = Target {
-        port: 0,
-        relay: Some(guest),
-        bare: None,
-        roots: ca.cert_der(),
-    };
-    // The proxy without the channel's multiplexer: a UNIX socket pair per connection straight
-    // into the same `Network` (diagnostic only: `BENCH_PATH=bare`).
-    let bare = Target {
-        port: 0,
-        relay: None,
-        bare: Some(bare_net),
-        roots: ca.cert_der(),
+    let paths = Paths {
+        direct: Target {
+            route: Route::Direct(up_port),
+            roots: up_ca,
+        },
+        proxy: Target {
+            route: Route::Relay(guest),
+            roots: ca.cert_der(),
+        },
+        bare: Target {
+            route: Route::Bare(bare_net),
+            roots: ca.cert_der(),
+        },
     };
     println!(
         "machine: {} cores; {conns} keep-alive connections, {} s rounds",
@@ -114,27 +108,21 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
     );
     let part = std::env::var("BENCH_PART").unwrap_or_default();
     if part != "download" {
-        requests(&direct, &via, &bare, conns, round, rounds).await;
+        requests(&paths, conns, round, rounds).await;
     }
     if part != "requests" {
-        downloads(&direct, &via, &bare, rounds).await;
+        downloads(&paths, rounds).await;
     }
 }
 
 /// `rounds` rounds of small keep-alive GETs each way, alternating; medians and percentiles.
-async fn requests(
-    direct: &Target,
-    via: &Target,
-    bare: &Target,
-    conns: usize,
-    round: Duration,
-    rounds: usize,
-) {
+async fn requests(paths: &Paths, conns: usize, round: Duration, rounds: usize) {
+    let (direct, via) = (&paths.direct, &paths.proxy);
     let (mut d_rps, mut p_rps) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
     // One path only, a line per round: for profiling one side (`perf record` of this alone).
-    if let Some((only, t)) = only_path(direct, via, bare) {
+    if let Some((only, t)) = paths.only() {
         for _ in 0..rounds {
             let (r, c, l) = load(t, conns, round).await;
             println!(
@@ -174,22 +162,27 @@ async fn requests(
     ceiling("request", pc - dc, "us", dc);
 }
 
-/// `BENCH_PATH`, when set: the one path to run, for profiling it alone.
-/// `bare` is the proxy reached without the channel's multiplexer (a socket pair per
-/// connection), to tell the channel's share of the proxy path from the proxy's own.
-fn only_path<'a>(
-    direct: &'a Target,
-    via: &'a Target,
-    bare: &'a Target,
-) -> Option<(String, &'a Target)> {
-    let only = std::env::var("BENCH_PATH").ok()?;
-    let t = match only.as_str() {
-        "direct" => direct,
-        "proxy" => via,
-        "bare" => bare,
-        other => panic!("BENCH_PATH={other}: expected direct, proxy or bare"),
-    };
-    Some((only, t))
+/// The paths the bench can take to the upstream.
+struct Paths {
+    direct: Target,
+    proxy: Target,
+    /// The proxy without the channel's multiplexer, to tell the channel's share of the proxy
+    /// path from the proxy's own (only with `BENCH_PATH=bare`).
+    bare: Target,
+}
+
+impl Paths {
+    /// `BENCH_PATH`, when set: the one path to run, for profiling it alone.
+    fn only(&self) -> Option<(String, &Target)> {
+        let only = std::env::var("BENCH_PATH").ok()?;
+        let t = match only.as_str() {
+            "direct" => &self.direct,
+            "proxy" => &self.proxy,
+            "bare" => &self.bare,
+            other => panic!("BENCH_PATH={other}: expected direct, proxy or bare"),
+        };
+        Some((only, t))
+    }
 }
 
 /// The proxy's own CPU beside that of the client and the upstream together. A MITM proxy is a
@@ -205,10 +198,11 @@ fn ceiling(what: &str, own: f64, unit: &str, ends: f64) {
 }
 
 /// `rounds` 100 MiB downloads each way, alternating; medians.
-async fn downloads(direct: &Target, via: &Target, bare: &Target, rounds: usize) {
+async fn downloads(paths: &Paths, rounds: usize) {
+    let (direct, via) = (&paths.direct, &paths.proxy);
     let (mut d_mb, mut p_mb) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
-    if let Some((only, t)) = only_path(direct, via, bare) {
+    if let Some((only, t)) = paths.only() {
         for _ in 0..rounds {
             let (r, c) = download(t).await;
             println!("{only:7} {r:6.0} MiB/s  cpu {c:.0} ms per 100 MiB");
@@ -236,13 +230,19 @@ async fn downloads(direct: &Target, via: &Target, bare: &Target, rounds: usize) 
 
 #[derive(Clone)]
 struct Target {
-    /// The upstream's port (direct)...
-    port: u16,
-    /// ...or the guest end of the channel: open a stream and send the `NetOpen` frame first.
-    relay: Option<MuxHandle>,
-    /// ...or the proxy itself, reached over a UNIX socket pair of its own per connection.
-    bare: Option<Arc<Network>>,
+    route: Route,
+    /// The CA the client trusts on this path.
     roots: CertificateDer<'static>,
+}
+
+#[derive(Clone)]
+enum Route {
+    /// TCP to the upstream's port.
+    Direct(u16),
+    /// The guest end of the channel: a stream per connection, the `NetOpen` frame first.
+    Relay(MuxHandle),
+    /// The proxy itself, over a UNIX socket pair of its own per connection.
+    Bare(Arc<Network>),
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
@@ -260,17 +260,17 @@ async fn relayed<S: tokio::io::AsyncWrite + Unpin>(mut s: S) -> S {
 }
 
 async fn connect(t: &Target) -> Sender {
-    let io: Box<dyn Io> = match (&t.relay, &t.bare) {
-        (Some(mux), _) => {
+    let io: Box<dyn Io> = match &t.route {
+        Route::Relay(mux) => {
             Box::new(relayed(mux.open(capsem_proto::port::MITM).await.unwrap()).await)
         }
-        (None, Some(net)) => {
+        Route::Bare(net) => {
             let (mine, theirs) = tokio::net::UnixStream::pair().unwrap();
             tokio::spawn(net.clone().handle(theirs));
             Box::new(relayed(mine).await)
         }
-        (None, None) => {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
+        Route::Direct(port) => {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port))
                 .await
                 .unwrap();
             tcp.set_nodelay(true).unwrap();

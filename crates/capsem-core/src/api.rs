@@ -339,7 +339,7 @@ pub struct VersionResponse {
     pub protocol_version: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EchoBenchRequest {
     pub count: u32,
     pub size: u32,

@@ -193,9 +193,8 @@ fn main() {
                     &echo_path,
                     &EchoBenchRequest {
                         count: 1,
-                        size: 0,
-                        gap_us: 0,
                         reply_after_us: r.guest_spawn_us as u32,
+                        ..Default::default()
                     },
                 )
                 .await
@@ -222,9 +221,8 @@ fn main() {
                 &echo_path,
                 &EchoBenchRequest {
                     count: n as u32 + 20,
-                    size: 0,
                     gap_us,
-                    reply_after_us: 0,
+                    ..Default::default()
                 },
             ))
             .unwrap();
@@ -247,9 +245,7 @@ fn main() {
     rt.block_on(async {
         let one = EchoBenchRequest {
             count: 1,
-            size: 0,
-            gap_us: 0,
-            reply_after_us: 0,
+            ..Default::default()
         };
         for i in 0..n + 20 {
             let t = Instant::now();
