@@ -6,24 +6,19 @@ use capsem_core::net::{Ca, Network, PolicySource};
 use capsem_proto::net::NetOpen;
 use rustls::pki_types::ServerName;
 
-/// A handshake the proxy cannot complete (here: no server name, so no leaf to mint) ends with
-/// the TLS alert that says so, not with the connection just closing: the proxy buffers its
-/// writes to the guest, and the alert must still leave.
-#[tokio::test]
-async fn a_failed_guest_handshake_still_gets_its_alert() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("user.toml"),
-        "[network]\ndefault = \"deny\"\n",
-    )
-    .unwrap();
-    let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca")).unwrap());
-    let policy =
-        PolicySource::new(dir.path().join("user.toml"), dir.path().join("corp.toml")).unwrap();
-    let net = Arc::new(Network::new(ca.clone(), policy, None));
+/// A network in `dir` (default deny), serving one relayed connection to port 443; returns the
+/// guest's end, with the `NetOpen` frame sent, and a client configuration that trusts the CA
+/// (ring's suites in ring's order: AES-GCM first, as OpenSSL's).
+async fn relayed(
+    dir: &std::path::Path,
+    guest_aes: bool,
+) -> (tokio::io::DuplexStream, rustls::ClientConfig) {
+    std::fs::write(dir.join("user.toml"), "[network]\ndefault = \"deny\"\n").unwrap();
+    let ca = Arc::new(Ca::load_or_create(&dir.join("ca")).unwrap());
+    let policy = PolicySource::new(dir.join("user.toml"), dir.join("corp.toml")).unwrap();
+    let net = Arc::new(Network::new(ca.clone(), policy, None).guest_has_aes(guest_aes));
     let (host, mut guest) = tokio::io::duplex(64 * 1024);
     tokio::spawn(net.handle(host));
-
     capsem_proto::frame::write_frame(
         &mut guest,
         &NetOpen::Tcp {
@@ -42,6 +37,16 @@ async fn a_failed_guest_handshake_still_gets_its_alert() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    (guest, cfg)
+}
+
+/// A handshake the proxy cannot complete (here: no server name, so no leaf to mint) ends with
+/// the TLS alert that says so, not with the connection just closing: the alert must leave
+/// before the proxy drops the stream.
+#[tokio::test]
+async fn a_failed_guest_handshake_still_gets_its_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guest, cfg) = relayed(dir.path(), true).await;
     // An address as the server name: the client sends no SNI.
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let err = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -53,4 +58,23 @@ async fn a_failed_guest_handshake_still_gets_its_alert() {
         err.to_string().contains("alert"),
         "the client learnt why from an alert: {err}"
     );
+}
+
+/// A guest without AES instructions (TCG) gets ChaCha20-Poly1305 although its client lists
+/// AES-GCM first; a guest with them gets the client's first choice.
+#[tokio::test]
+async fn a_guest_without_aes_gets_chacha20() {
+    for (guest_aes, expected) in [
+        (false, rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),
+        (true, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (guest, cfg) = relayed(dir.path(), guest_aes).await;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("a.example").unwrap(), guest)
+            .await
+            .expect("handshake with a minted leaf");
+        let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, expected, "guest_has_aes({guest_aes})");
+    }
 }

@@ -224,6 +224,18 @@ pub fn machine_args(accel: Accel, ram_mb: u32, cpus: u32) -> Vec<String> {
     .collect()
 }
 
+/// Whether the guest's CPU (as [`machine_args`] sets it) has AES instructions: under KVM it is
+/// the host's CPU; TCG's `qemu64` has none.
+pub fn guest_has_aes(accel: Accel) -> bool {
+    match accel {
+        #[cfg(target_arch = "x86_64")]
+        Accel::Kvm => std::arch::is_x86_feature_detected!("aes"),
+        #[cfg(not(target_arch = "x86_64"))]
+        Accel::Kvm => false,
+        Accel::Tcg => false,
+    }
+}
+
 /// The guest kernel command line: console, `tsc_early_khz` under TCG (see the module doc), and
 /// `extra` (`capsem.*` keys for the agent).
 pub fn kernel_cmdline(accel: Accel, extra: &[String]) -> String {

@@ -178,6 +178,7 @@ where
     // made while the guest boots; the guest needs it only after its handshake.
     let network_task = {
         let (home, dir) = (cfg.home.clone(), dir.clone());
+        let aes = hypervisor::qemu::guest_has_aes(hv.accel());
         tokio::task::spawn_blocking(move || -> Result<crate::net::Network, InstanceError> {
             Ok(crate::net::Network::new(
                 Arc::new(crate::net::Ca::load_or_create(&home.ca_dir())?),
@@ -185,7 +186,8 @@ where
                 Some(crate::telemetry::Recorder::open(
                     &dir.join(crate::telemetry::DB_FILE),
                 )?),
-            ))
+            )
+            .guest_has_aes(aes))
         })
     };
 
