@@ -193,8 +193,8 @@ impl Network {
                 // No write buffer here: hyper hands TLS one flattened slice per write, so a
                 // small response is one record and one channel frame already, and a large body
                 // goes out a record (16 KiB) per frame. A buffer only added a copy of every
-                // byte and a flush: without it, 5 % less CPU per request and 8 % less per MiB
-                // (benches/proxy.rs, docs/benchmarks.md, twelfth session).
+                // byte; without it neither the proxy bench (A/B in both orders) nor a guest's
+                // download (`benches/guest_net.rs`) moved beyond the noise.
                 proxy::serve(self, stream, port, process).await;
             }
         }
