@@ -1,6 +1,6 @@
 //! The proxy as a guest sees it (issue 3): `curl` inside a real VM downloads 32 MiB and makes
-//! 200 small keep-alive requests through the relay, the channel and the host's MITM proxy to a
-//! local stand-in upstream. No direct path exists to compare with (the guest has no network of
+//! 200 small requests on one connection (HTTP/2, curl's default, which the proxy offers)
+//! through the relay, the channel and the host's MITM proxy to a local stand-in upstream. No direct path exists to compare with (the guest has no network of
 //! its own), so the figures are absolute: MiB/s and ms per request. Under TCG the guest's own
 //! CPU (curl's TLS, its kernel, the agent's relay) sets most of them; the bench is there to
 //! catch a change on the host side that costs the guest, such as the size of the channel's

@@ -193,6 +193,11 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// The guest's CPU under TCG: `qemu64` (no AES, SSSE3 or AVX: `-cpu max`, which emulates
+/// them, measured slower for the guest's TLS, docs/benchmarks.md), plus the two flags
+/// [`machine_args`] explains. [`guest_has_aes`] reads it.
+const TCG_CPU: &str = "qemu64,+rdrand,+arat";
+
 /// Machine, CPU, memory and the flags every capsem VM shares — also the probe's and the boot
 /// benchmark's baseline, so they all boot the same virtual machine.
 pub fn machine_args(accel: Accel, ram_mb: u32, cpus: u32) -> Vec<String> {
@@ -203,7 +208,7 @@ pub fn machine_args(accel: Accel, ram_mb: u32, cpus: u32) -> Vec<String> {
         // timer keeps running when idle, as QEMU's emulated one does) lets the guest kernel
         // use one-shot timers: without it the guest ticks 250 times a second per vCPU even
         // when idle, and every tick wakes QEMU on the host.
-        Accel::Tcg => "qemu64,+rdrand,+arat",
+        Accel::Tcg => TCG_CPU,
     };
     [
         "-M",
@@ -232,7 +237,8 @@ pub fn guest_has_aes(accel: Accel) -> bool {
         Accel::Kvm => std::arch::is_x86_feature_detected!("aes"),
         #[cfg(not(target_arch = "x86_64"))]
         Accel::Kvm => false,
-        Accel::Tcg => false,
+        // `qemu64` has none of its own; only an explicit `+aes` would add it.
+        Accel::Tcg => TCG_CPU.split(',').any(|f| f == "+aes"),
     }
 }
 

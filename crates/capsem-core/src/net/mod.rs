@@ -155,8 +155,8 @@ impl Network {
     /// client offers it, whatever the client's own order: OpenSSL (curl, Python, Node) lists
     /// AES-GCM first on any CPU, and in software AES-GCM is several times slower. Under TCG
     /// (`qemu64`, no AES) `openssl speed` in the guest measured 11 MB/s for AES-256-GCM
-    /// against 100 MB/s for ChaCha20-Poly1305, and a guest's download through the proxy went
-    /// from 7.4 to 13.4 MiB/s (`benches/guest_net.rs`, docs/benchmarks.md).
+    /// against 90–103 MB/s for ChaCha20-Poly1305, and a guest's download through the proxy
+    /// went from about 7 to 13.4 MiB/s (`benches/guest_net.rs`, docs/benchmarks.md).
     pub fn guest_has_aes(mut self, yes: bool) -> Network {
         self.guest_aes = yes;
         self
@@ -192,9 +192,10 @@ impl Network {
             NetOpen::Tcp { port, process } => {
                 // No write buffer here: hyper hands TLS one flattened slice per write, so a
                 // small response is one record and one channel frame already, and a large body
-                // goes out a record (16 KiB) per frame. A buffer only added a copy of every
-                // byte; without it neither the proxy bench (A/B in both orders) nor a guest's
-                // download (`benches/guest_net.rs`) moved beyond the noise.
+                // goes out a record (16 KiB) per frame; the handshake's flight goes a record
+                // per frame too. A buffer only added a copy of every byte; without it neither
+                // the proxy bench (A/B in both orders) nor a guest's requests and downloads
+                // (`benches/guest_net.rs`) moved beyond the noise.
                 proxy::serve(self, stream, port, process).await;
             }
         }

@@ -102,7 +102,8 @@ fn tls(
             Ok(s) => s,
             Err((e, mut io)) => {
                 tracing::info!(error = %e, "guest TLS handshake failed");
-                // The alert that says why is still in the stream's write buffer.
+                // tokio-rustls has written the alert that says why; closing the stream sees
+                // it through the stream's own buffering (the channel's) before it ends.
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
                 return;
             }
@@ -426,8 +427,9 @@ impl Conn {
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(up) => {
-                    // The 200 may still wait in the stream's write buffer, and the client
-                    // sends its TLS hello only once it has seen it.
+                    // The 200 may not have left yet (hyper hands the connection over once it
+                    // has written it), and the client sends its TLS hello only once it has
+                    // seen it.
                     let mut up = TokioIo::new(up);
                     if tokio::io::AsyncWriteExt::flush(&mut up).await.is_ok() {
                         tls(net, Box::new(up), Some(host), process).await;
