@@ -17,7 +17,7 @@ async fn relayed(
         dir,
         guest_aes,
         rustls::crypto::ring::default_provider(),
-        &rustls::DEFAULT_VERSIONS,
+        rustls::DEFAULT_VERSIONS,
     )
     .await
 }
