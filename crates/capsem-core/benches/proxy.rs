@@ -4,7 +4,8 @@
 //! `BENCH_ROUNDS` rounds of each path, alternating, default 5; `BENCH_CONNS` concurrent
 //! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half and
 //! `BENCH_PATH=direct|proxy|bare` one path only, for profiling; `bare` is the proxy without
-//! the channel's multiplexer). Besides throughput it reports the CPU time the process spent
+//! the channel's multiplexer; `BENCH_NO_RECORD=1` leaves out the session record). Besides
+//! throughput it reports the CPU time the process spent
 //! per request and per download: on a noisy machine that ratio moves far less than the
 //! wall-clock one.
 //!
@@ -33,18 +34,17 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 const BIG: usize = 100 << 20;
 
 fn main() {
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let conns: usize = std::env::var("BENCH_CONNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let number = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (secs, conns, rounds) = (
+        number("BENCH_SECS", 3) as u64,
+        number("BENCH_CONNS", 8),
+        number("BENCH_ROUNDS", 5),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -5,8 +5,10 @@
 //! agreed; a guest connection keeps one upstream connection alive across its requests.
 //!
 //! Both HTTP/1.1 sides write flattened (`writev(false)`): hyper then hands TLS one slice per
-//! write instead of a queue of pieces, which measured about 5 % less CPU per request and 9 %
-//! less per MiB in `benches/proxy.rs` (docs/benchmarks.md, eleventh session).
+//! write instead of a queue of pieces, so a response is one TLS record and one channel frame.
+//! With a write buffer under TLS (eleventh session) that measured about 5 % less CPU per
+//! request and 9 % less per MiB in `benches/proxy.rs`; without one (twelfth) the two ways were
+//! within the noise of an A/B run in both orders (docs/benchmarks.md).
 
 use std::convert::Infallible;
 use std::future::Future;
