@@ -277,16 +277,7 @@ async fn connect(t: &Target) -> Sender {
             Box::new(tcp)
         }
     };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(t.roots.clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = capsem_core::net::stand_in::client_trusting(t.roots.clone()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(NAME).unwrap(), io)
         .await
@@ -372,32 +363,9 @@ async fn download_here(t: &Target) -> (f64, f64) {
 /// The stand-in upstream: `/small` → "ok", `/big` → 100 MiB in 64 KiB chunks. Returns its
 /// port and CA certificate (also written to `upstream-ca.pem`).
 async fn upstream(dir: &std::path::Path) -> (u16, CertificateDer<'static>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "bench upstream CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("upstream-ca.pem"), ca.pem()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![NAME.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let tls =
+        capsem_core::net::stand_in::stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -431,7 +399,7 @@ async fn upstream(dir: &std::path::Path) -> (u16, CertificateDer<'static>) {
             });
         }
     });
-    (port, ca.der().clone())
+    (port, tls.ca_der)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -7,13 +7,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use capsem_core::net::stand_in::{client_trusting, stand_in_tls};
 use capsem_core::net::{Ca, Network, PolicySource};
 use capsem_proto::net::NetOpen;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{header, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAME: &str = "up.example";
@@ -33,29 +34,8 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// the request body back, `GET /ws` upgrades and then echoes every byte. Returns its port and
 /// writes its CA to `dir/upstream-ca.pem`.
 async fn upstream(dir: &std::path::Path) -> u16 {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("upstream-ca.pem"), ca.pem()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![NAME.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from(cert.der().to_vec())],
-        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let tls = stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -151,16 +131,7 @@ async fn guest(dir: &std::path::Path) -> hyper::client::conn::http1::SendRequest
     capsem_proto::frame::write_frame(&mut stream, &open)
         .await
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = client_trusting(ca.cert_der()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(NAME).unwrap(), stream)
         .await

@@ -29,34 +29,9 @@ pub struct Upstream {
 impl Upstream {
     /// Serve on 127.0.0.1 (a free port) with a certificate for `names`; the CA goes to `dir`.
     pub fn start(names: &[&str], dir: &Path) -> Upstream {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "capsem e2e stand-in CA");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
         let ca_pem = dir.join("stand-in-ca.pem");
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let tls = capsem_core::net::stand_in::stand_in_tls(names, &ca_pem).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -16,6 +16,7 @@
 mod addr;
 pub mod ca;
 mod proxy;
+pub mod stand_in;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
