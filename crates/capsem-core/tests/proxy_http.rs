@@ -21,21 +21,27 @@ const NAME: &str = "up.example";
 /// Bigger than any buffer on the way (hyper's, TLS records, the channel's frames).
 const BIG: usize = 3 << 20;
 
-/// Byte `i` of the big body: not periodic over any buffer size, so a chunk lost, repeated or
-/// reordered shows.
+/// Byte `i` of the big body: a hash of the position (splitmix64's mixer), so a chunk lost,
+/// repeated or moved anywhere shows.
 fn pattern(i: usize) -> u8 {
-    (i.wrapping_mul(31) ^ (i >> 11)) as u8
+    let mut x = (i as u64) ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) as u8
 }
+
+/// A test's whole run may take this long: a proxy that hangs fails the test instead of CI.
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Bodies on both sides of the test (the guest's requests, the upstream's responses).
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// The stand-in upstream: `GET /big` streams [`BIG`] bytes in uneven chunks, `POST /echo` sends
-/// the request body back, `GET /ws` upgrades and then echoes every byte. Returns its port and
-/// writes its CA to `dir/upstream-ca.pem`.
-async fn upstream(dir: &std::path::Path) -> u16 {
+/// the request body back, `GET /ws` upgrades and then echoes every byte. Over TLS (its CA
+/// written to `dir/upstream-ca.pem`) for the guest's HTTPS, plain for its HTTP. Returns its port.
+async fn upstream(dir: &std::path::Path, https: bool) -> u16 {
     let tls = stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
+    let acceptor = https.then(|| tokio_rustls::TlsAcceptor::from(Arc::new(tls.config)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -43,12 +49,16 @@ async fn upstream(dir: &std::path::Path) -> u16 {
             let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
+                let io: Box<dyn Io> = match acceptor {
+                    Some(a) => match a.accept(tcp).await {
+                        Ok(tls) => Box::new(tls),
+                        Err(_) => return,
+                    },
+                    None => Box::new(tcp),
                 };
                 let svc = hyper::service::service_fn(serve);
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
+                    .serve_connection(TokioIo::new(io), svc)
                     .with_upgrades()
                     .await;
             });
@@ -56,6 +66,9 @@ async fn upstream(dir: &std::path::Path) -> u16 {
     });
     port
 }
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 async fn serve(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let full = |b: Bytes| Full::new(b).boxed();
@@ -106,15 +119,16 @@ async fn serve(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible>
     })
 }
 
-/// A guest connection through a fresh `Network` that allows [`NAME`] and maps it to the
-/// stand-in upstream: TLS to the proxy (trusting its CA), then HTTP/1.1 with upgrades.
-async fn guest(dir: &std::path::Path) -> hyper::client::conn::http1::SendRequest<Body> {
-    let port = upstream(dir).await;
+/// A guest connection to `port` (443 or 80) through a fresh `Network` that allows [`NAME`] and
+/// maps it to the stand-in upstream: on 443 TLS to the proxy (trusting its CA), then HTTP/1.1
+/// with upgrades.
+async fn guest(dir: &std::path::Path, port: u16) -> hyper::client::conn::http1::SendRequest<Body> {
+    let up = upstream(dir, port == 443).await;
     std::fs::write(
         dir.join("user.toml"),
         format!(
             "[network]\ndefault = \"deny\"\nallow = [\"{NAME}\"]\nextra_ca_bundle = \"{}\"\n\
-             [network.upstream_override]\n\"{NAME}\" = \"127.0.0.1:{port}\"\n",
+             [network.upstream_override]\n\"{NAME}\" = \"127.0.0.1:{up}\"\n",
             dir.join("upstream-ca.pem").display()
         ),
     )
@@ -125,18 +139,23 @@ async fn guest(dir: &std::path::Path) -> hyper::client::conn::http1::SendRequest
     let (host, mut stream) = tokio::io::duplex(64 * 1024);
     tokio::spawn(net.handle(host));
     let open = NetOpen::Tcp {
-        port: 443,
+        port,
         process: None,
     };
     capsem_proto::frame::write_frame(&mut stream, &open)
         .await
         .unwrap();
-    let cfg = client_trusting(ca.cert_der()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from(NAME).unwrap(), stream)
-        .await
-        .expect("handshake with a minted leaf");
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let io: Box<dyn Io> = if port == 443 {
+        let cfg = client_trusting(ca.cert_der()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from(NAME).unwrap(), stream)
+            .await
+            .expect("handshake with a minted leaf");
+        Box::new(tls)
+    } else {
+        Box::new(stream)
+    };
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
     tokio::spawn(conn.with_upgrades());
@@ -152,11 +171,20 @@ fn request(method: &str, path: &str, body: Body) -> Request<Body> {
         .unwrap()
 }
 
-/// A large download and a large upload on one keep-alive connection arrive byte for byte.
+/// A large download and a large upload on one keep-alive connection arrive byte for byte, over
+/// HTTPS and over plain HTTP.
 #[tokio::test]
 async fn large_bodies_pass_intact_both_ways() {
+    for port in [443, 80] {
+        tokio::time::timeout(LIMIT, large_bodies(port))
+            .await
+            .unwrap_or_else(|_| panic!("the transfers on port {port} finished in time"));
+    }
+}
+
+async fn large_bodies(port: u16) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = guest(dir.path()).await;
+    let mut s = guest(dir.path(), port).await;
     let expected: Vec<u8> = (0..BIG).map(pattern).collect();
 
     let resp = s
@@ -166,7 +194,10 @@ async fn large_bodies_pass_intact_both_ways() {
     assert_eq!(resp.status(), StatusCode::OK);
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(got.len(), BIG);
-    assert!(got[..] == expected[..], "the download arrived altered");
+    assert!(
+        got[..] == expected[..],
+        "the download on port {port} arrived altered"
+    );
 
     // The upload in uneven chunks too, so the proxy's client side writes many slices.
     let chunks: Vec<Result<Frame<Bytes>, Infallible>> = expected
@@ -184,14 +215,28 @@ async fn large_bodies_pass_intact_both_ways() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let got = resp.into_body().collect().await.unwrap().to_bytes();
-    assert!(got[..] == expected[..], "the upload came back altered");
+    assert!(
+        got[..] == expected[..],
+        "the upload on port {port} came back altered"
+    );
 }
 
-/// A WebSocket upgrade the upstream accepts becomes a byte pipe both ways through the proxy.
+/// A WebSocket upgrade the upstream accepts becomes a byte pipe both ways through the proxy,
+/// over HTTPS and over plain HTTP.
 #[tokio::test]
 async fn a_websocket_upgrade_becomes_a_two_way_pipe() {
+    for port in [443, 80] {
+        tokio::time::timeout(LIMIT, websocket(port))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the upgrade on port {port} and its echoes finished in time")
+            });
+    }
+}
+
+async fn websocket(port: u16) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = guest(dir.path()).await;
+    let mut s = guest(dir.path(), port).await;
     let mut req = request("GET", "/ws", Full::default().boxed());
     req.headers_mut()
         .insert(header::CONNECTION, "upgrade".parse().unwrap());
@@ -204,10 +249,7 @@ async fn a_websocket_upgrade_becomes_a_two_way_pipe() {
         let msg: Vec<u8> = (0..20_000).map(|i| (i as u8) ^ round).collect();
         io.write_all(&msg).await.unwrap();
         let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(std::time::Duration::from_secs(10), io.read_exact(&mut back))
-            .await
-            .expect("the echo came back in time")
-            .unwrap();
-        assert_eq!(back, msg, "round {round}");
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg, "port {port}, round {round}");
     }
 }

@@ -4,13 +4,16 @@
 //! Bodies stream both ways without buffering; upgrades (WebSocket) are spliced once both sides
 //! agreed; a guest connection keeps one upstream connection alive across its requests.
 //!
-//! Both HTTP/1.1 sides write vectored (`writev(true)`): hyper keeps a body's chunks as they
-//! came and hands TLS the head and the chunks as one list of slices, which rustls seals into
-//! records directly; as before, a small response is one record and one channel frame. Flattened
-//! writes (`writev(false)`, the eleventh and twelfth sessions) first copied every body byte into
-//! hyper's own buffer: the vectored way saves that copy of each byte both ways, 6 % of the
-//! instructions and, pinned to one CPU in both orders of an A/B run, about 6 % of the CPU of a
-//! proxied download in `benches/proxy.rs`; requests did not move (docs/benchmarks.md).
+//! Both HTTP/1.1 sides leave the write strategy to hyper, which asks the stream. A TLS stream
+//! (and the upstream's TCP) writes vectored, so hyper keeps a body's chunks as they came and
+//! hands TLS the head and the chunks as one list of slices, which rustls seals into records
+//! directly; a small response is one record and one channel frame. A guest's plain-HTTP stream
+//! (port 80) does not, so hyper flattens there, and a response is again one frame. Forcing
+//! flattened writes everywhere (`writev(false)`, the eleventh and twelfth sessions) copied every
+//! body byte into hyper's own buffer first: dropping that saves a copy of each byte both ways,
+//! 6 % of the instructions and, pinned to one CPU in both orders of an A/B run, about 6 % of
+//! the CPU of a proxied download in `benches/proxy.rs`; requests did not move
+//! (docs/benchmarks.md).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -162,7 +165,6 @@ async fn serve_http(
             .await
     } else {
         hyper::server::conn::http1::Builder::new()
-            .writev(true)
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades()
             .await
@@ -543,7 +545,6 @@ async fn connect_upstream(
         None => Box::new(tcp),
     };
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .writev(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;

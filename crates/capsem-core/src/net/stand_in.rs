@@ -10,7 +10,16 @@ use std::sync::Arc;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::CaError;
+/// Why a stand-in's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StandInError {
+    #[error("cannot make the stand-in's certificates")]
+    Certificate(#[from] rcgen::Error),
+    #[error("cannot write the stand-in CA to {}", .0.display())]
+    Write(std::path::PathBuf, #[source] std::io::Error),
+    #[error("the stand-in's TLS configuration was refused")]
+    Tls(#[from] rustls::Error),
+}
 
 /// A stand-in's server side.
 pub struct StandInTls {
@@ -22,37 +31,27 @@ pub struct StandInTls {
 
 /// A new CA (its certificate written to `ca_pem` as PEM) and a server configuration with a
 /// certificate from it for `names`.
-pub fn stand_in_tls(names: &[&str], ca_pem: &Path) -> Result<StandInTls, CaError> {
-    let what = names.join(", ");
-    let mint = |e| CaError::Mint(what.clone(), e);
-    let ca_key = KeyPair::generate().map_err(mint)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(mint)?;
+pub fn stand_in_tls(names: &[&str], ca_pem: &Path) -> Result<StandInTls, StandInError> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
         .distinguished_name
         .push(DnType::CommonName, "capsem stand-in CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).map_err(mint)?;
-    std::fs::write(ca_pem, ca.pem()).map_err(|source| CaError::Io {
-        action: "write",
-        path: ca_pem.to_path_buf(),
-        source,
-    })?;
-    let key = KeyPair::generate().map_err(mint)?;
-    let cert = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-        .map_err(mint)?
-        .signed_by(&key, &ca, &ca_key)
-        .map_err(mint)?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::write(ca_pem, ca.pem()).map_err(|e| StandInError::Write(ca_pem.to_path_buf(), e))?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?
+        .signed_by(&key, &ca, &ca_key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| CaError::Key(what.clone(), e))?
+    .with_safe_default_protocol_versions()?
     .with_no_client_auth()
     .with_single_cert(
         vec![cert.der().clone()],
         PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .map_err(|e| CaError::Key(what.clone(), e))?;
+    )?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(StandInTls {
         config,
