@@ -2,9 +2,12 @@
 //! same local HTTPS upstream (keep-alive, small responses), and a 100 MiB download both ways.
 //! Run: `cargo bench -p capsem-core --bench proxy` (`BENCH_SECS` per round, default 3;
 //! `BENCH_ROUNDS` rounds of each path, alternating, default 5; `BENCH_CONNS` concurrent
-//! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half and
-//! `BENCH_PATH=direct|proxy|bare` one path only, for profiling; `bare` is the proxy without
-//! the channel's multiplexer; `BENCH_NO_RECORD=1` leaves out the session record). Besides
+//! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half;
+//! `BENCH_PATH` names the paths to run instead of direct and proxy, comma-separated, a line per
+//! round and the medians at the end: one alone for profiling it, several to compare them in
+//! one sitting; `bare` is the proxy without the channel's multiplexer, `splice` a MITM proxy
+//! with no HTTP at all (see [`splice`]); `BENCH_NO_RECORD=1` leaves out the session record).
+//! Besides
 //! throughput it reports the CPU time the process spent
 //! per request and per download: on a noisy machine that ratio moves far less than the
 //! wall-clock one.
@@ -85,6 +88,7 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
         }
     });
     let (guest, _guest_inbound, _guest_closed) = Mux::start(guest_io, Side::Guest);
+    let (splice_guest, splice_ca) = splice(dir.path(), up_port, up_ca.clone());
     let paths = Paths {
         direct: Target {
             route: Route::Direct(up_port),
@@ -98,7 +102,13 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
             route: Route::Bare(bare_net),
             roots: ca.cert_der(),
         },
+        splice: Target {
+            route: Route::Relay(splice_guest),
+            roots: splice_ca,
+        },
     };
+    // A misspelt BENCH_PATH fails before anything runs.
+    let _ = paths.chosen();
     println!(
         "machine: {} cores; {conns} keep-alive connections, {} s rounds",
         std::thread::available_parallelism()
@@ -121,15 +131,21 @@ async fn requests(paths: &Paths, conns: usize, round: Duration, rounds: usize) {
     let (mut d_rps, mut p_rps) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
-    // One path only, a line per round: for profiling one side (`perf record` of this alone).
-    if let Some((only, t)) = paths.only() {
+    // The paths `BENCH_PATH` names, a line per round: one alone for profiling it (`perf
+    // record` of this), several to compare them in one sitting.
+    if let Some(chosen) = paths.chosen() {
+        let mut seen = vec![Vec::new(); chosen.len()];
         for _ in 0..rounds {
-            let (r, c, l) = load(t, conns, round).await;
-            println!(
-                "{only:7} {r:8.0} req/s  cpu {c:.1} us/req  ({} requests)",
-                l.len()
-            );
+            for ((name, t), seen) in chosen.iter().zip(&mut seen) {
+                let (r, c, l) = load(t, conns, round).await;
+                println!(
+                    "{name:7} {r:8.0} req/s  cpu {c:.1} us/req  ({} requests)",
+                    l.len()
+                );
+                seen.push(r);
+            }
         }
+        medians(&chosen, &mut seen, "req/s");
         return;
     }
     for _ in 0..rounds {
@@ -167,21 +183,46 @@ struct Paths {
     direct: Target,
     proxy: Target,
     /// The proxy without the channel's multiplexer, to tell the channel's share of the proxy
-    /// path from the proxy's own (only with `BENCH_PATH=bare`).
+    /// path from the proxy's own (only through `BENCH_PATH`).
     bare: Target,
+    /// A MITM proxy with no HTTP, on the same channel (only through `BENCH_PATH`).
+    splice: Target,
 }
 
 impl Paths {
-    /// `BENCH_PATH`, when set: the one path to run, for profiling it alone.
-    fn only(&self) -> Option<(String, &Target)> {
-        let only = std::env::var("BENCH_PATH").ok()?;
-        let t = match only.as_str() {
-            "direct" => &self.direct,
-            "proxy" => &self.proxy,
-            "bare" => &self.bare,
-            other => panic!("BENCH_PATH={other}: expected direct, proxy or bare"),
-        };
-        Some((only, t))
+    /// The paths `BENCH_PATH` names, in its order, when it is set.
+    fn chosen(&self) -> Option<Vec<(String, &Target)>> {
+        let list = std::env::var("BENCH_PATH").ok()?;
+        let chosen = list
+            .split(',')
+            .map(|name| {
+                let t = match name {
+                    "direct" => &self.direct,
+                    "proxy" => &self.proxy,
+                    "bare" => &self.bare,
+                    "splice" => &self.splice,
+                    other => {
+                        eprintln!("BENCH_PATH: unknown path {other:?}; the paths are direct, proxy, bare and splice");
+                        std::process::exit(2);
+                    }
+                };
+                (name.to_string(), t)
+            })
+            .collect();
+        Some(chosen)
+    }
+}
+
+/// The median of each chosen path's rounds, and its ratio to the first path named.
+fn medians(chosen: &[(String, &Target)], seen: &mut [Vec<f64>], unit: &str) {
+    let first = median(&mut seen[0]);
+    for ((name, _), v) in chosen.iter().zip(seen) {
+        let m = median(v);
+        println!(
+            "median  {name:7} {m:8.0} {unit}  ratio to {} {:.3}",
+            chosen[0].0,
+            m / first
+        );
     }
 }
 
@@ -202,11 +243,16 @@ async fn downloads(paths: &Paths, rounds: usize) {
     let (direct, via) = (&paths.direct, &paths.proxy);
     let (mut d_mb, mut p_mb) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
-    if let Some((only, t)) = paths.only() {
+    if let Some(chosen) = paths.chosen() {
+        let mut seen = vec![Vec::new(); chosen.len()];
         for _ in 0..rounds {
-            let (r, c) = download(t).await;
-            println!("{only:7} {r:6.0} MiB/s  cpu {c:.0} ms per 100 MiB");
+            for ((name, t), seen) in chosen.iter().zip(&mut seen) {
+                let (r, c) = download(t).await;
+                println!("{name:7} {r:6.0} MiB/s  cpu {c:.0} ms per 100 MiB");
+                seen.push(r);
+            }
         }
+        medians(&chosen, &mut seen, "MiB/s");
         return;
     }
     for _ in 0..rounds {
@@ -358,6 +404,89 @@ async fn download_here(t: &Target) -> (f64, f64) {
         (n as f64 / (1 << 20) as f64) / t0.elapsed().as_secs_f64(),
         cpu_ms() - cpu0,
     )
+}
+
+/// A MITM proxy that does nothing but its two TLS connections: on the same channel as the proxy
+/// path (a yamux session over a UNIX socket pair, the `NetOpen` frame first), it terminates the
+/// guest's TLS with a certificate made once for the name, opens a TLS connection to the upstream
+/// per guest connection and copies the plaintext between them ([`pipe`]); no HTTP, no policy,
+/// no record. Beside the proxy path it shows what the proxy's HTTP handling costs. Returns the
+/// guest end of its channel and the CA its certificate is from.
+fn splice(
+    dir: &std::path::Path,
+    up_port: u16,
+    up_ca: CertificateDer<'static>,
+) -> (MuxHandle, CertificateDer<'static>) {
+    let tls =
+        capsem_core::net::stand_in::stand_in_tls(&[NAME], &dir.join("splice-ca.pem")).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(
+        capsem_core::net::stand_in::client_trusting(up_ca).unwrap(),
+    ));
+    let (host_io, guest_io) = tokio::net::UnixStream::pair().unwrap();
+    let (host, mut inbound, _closed) = Mux::start(host_io, Side::Host);
+    tokio::spawn(async move {
+        let _host = host;
+        while let Some(stream) = inbound.recv().await {
+            let (acceptor, connector) = (acceptor.clone(), connector.clone());
+            tokio::spawn(async move {
+                let mut s = capsem_proto::mux::accept(stream).await.unwrap().stream;
+                let _: NetOpen = capsem_proto::frame::expect_header(&mut s, "the network request")
+                    .await
+                    .unwrap();
+                let guest = acceptor.accept(s).await.unwrap();
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", up_port))
+                    .await
+                    .unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let up = connector
+                    .connect(ServerName::try_from(NAME).unwrap(), tcp)
+                    .await
+                    .unwrap();
+                pipe(guest, up).await;
+            });
+        }
+    });
+    let (guest, _inbound, _closed) = Mux::start(guest_io, Side::Guest);
+    (guest, tls.ca_der)
+}
+
+/// Copy plaintext both ways between the guest's TLS and the upstream's, pipelined as the proxy
+/// is: towards the guest one task reads (decrypts) while another writes (encrypts), so a
+/// download keeps both cores busy; towards the upstream one task copies. One task doing
+/// everything (tokio's `copy_bidirectional`) halved the download's throughput here
+/// (docs/benchmarks.md, fourteenth session).
+async fn pipe<G: Io + 'static, U: Io + 'static>(guest: G, up: U) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut guest_rd, mut guest_wr) = tokio::io::split(guest);
+    let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    let upward = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut guest_rd, &mut up_wr).await;
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut b = bytes::BytesMut::with_capacity(64 << 10);
+            match up_rd.read_buf(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if tx.send(b.freeze()).await.is_err() {
+                return;
+            }
+        }
+    });
+    while let Some(b) = rx.recv().await {
+        if guest_wr.write_all(&b).await.is_err() {
+            break;
+        }
+        // Flush (seal the TLS records and send) once nothing more is waiting.
+        if rx.is_empty() && guest_wr.flush().await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+    upward.abort();
 }
 
 /// The stand-in upstream: `/small` → "ok", `/big` → 100 MiB in 64 KiB chunks. Returns its
