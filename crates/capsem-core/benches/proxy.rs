@@ -7,10 +7,8 @@
 //! round and the medians at the end: one alone for profiling it, several to compare them in
 //! one sitting; `bare` is the proxy without the channel's multiplexer, `splice` a MITM proxy
 //! with no HTTP at all (see [`splice`]); `BENCH_NO_RECORD=1` leaves out the session record).
-//! Besides
-//! throughput it reports the CPU time the process spent
-//! per request and per download: on a noisy machine that ratio moves far less than the
-//! wall-clock one.
+//! Besides throughput it reports the CPU time the process spent per request and per download:
+//! on a noisy machine that ratio moves far less than the wall-clock one.
 //!
 //! The proxy path is the real one minus the VM: the client plays the guest relay — one yamux
 //! session over a UNIX socket (as QEMU's chardev is), a stream per connection with the
