@@ -4,8 +4,8 @@
 //! `BENCH_ROUNDS` rounds of each path, alternating, default 5; `BENCH_CONNS` concurrent
 //! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half;
 //! `BENCH_PATH` names the paths to run instead of direct and proxy, comma-separated, a line per
-//! round and the medians at the end: one alone for profiling it, several to compare them in
-//! one sitting; `bare` is the proxy without the channel's multiplexer, `splice` a MITM proxy
+//! round and the medians (throughput, CPU, ratio to the first named) at the end: one alone
+//! for profiling it, several to compare them in one sitting; `bare` is the proxy without the channel's multiplexer, `splice` a MITM proxy
 //! with no HTTP at all (see [`splice`]); `BENCH_NO_RECORD=1` leaves out the session record).
 //! Besides throughput it reports the CPU time the process spent per request and per download:
 //! on a noisy machine that ratio moves far less than the wall-clock one.
@@ -46,14 +46,25 @@ fn main() {
         number("BENCH_CONNS", 8),
         number("BENCH_ROUNDS", 5),
     );
+    // Checked before anything is made, so that a misspelt name leaves nothing behind.
+    let chosen = match std::env::var("BENCH_PATH") {
+        Err(_) => None,
+        Ok(list) => match list.split(',').map(|n| Which::parse(n.trim())).collect() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("BENCH_PATH: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(Duration::from_secs(secs), conns, rounds));
+    rt.block_on(run(Duration::from_secs(secs), conns, rounds, chosen));
 }
 
-async fn run(round: Duration, conns: usize, rounds: usize) {
+async fn run(round: Duration, conns: usize, rounds: usize, chosen: Option<Vec<Which>>) {
     let dir = tempfile::tempdir().unwrap();
     let (up_port, up_ca) = upstream(dir.path()).await;
     std::fs::write(
@@ -104,9 +115,8 @@ async fn run(round: Duration, conns: usize, rounds: usize) {
             route: Route::Relay(splice_guest),
             roots: splice_ca,
         },
+        chosen,
     };
-    // A misspelt BENCH_PATH fails before anything runs.
-    let _ = paths.chosen();
     println!(
         "machine: {} cores; {conns} keep-alive connections, {} s rounds",
         std::thread::available_parallelism()
@@ -131,19 +141,21 @@ async fn requests(paths: &Paths, conns: usize, round: Duration, rounds: usize) {
     let (mut d_lat, mut p_lat) = (Vec::new(), Vec::new());
     // The paths `BENCH_PATH` names, a line per round: one alone for profiling it (`perf
     // record` of this), several to compare them in one sitting.
-    if let Some(chosen) = paths.chosen() {
-        let mut seen = vec![Vec::new(); chosen.len()];
+    if let Some(chosen) = &paths.chosen {
+        let mut seen = vec![(Vec::new(), Vec::new()); chosen.len()];
         for _ in 0..rounds {
-            for ((name, t), seen) in chosen.iter().zip(&mut seen) {
-                let (r, c, l) = load(t, conns, round).await;
+            for (which, seen) in chosen.iter().zip(&mut seen) {
+                let (r, c, l) = load(paths.get(*which), conns, round).await;
                 println!(
-                    "{name:7} {r:8.0} req/s  cpu {c:.1} us/req  ({} requests)",
+                    "{:7} {r:8.0} req/s  cpu {c:.1} us/req  ({} requests)",
+                    which.name(),
                     l.len()
                 );
-                seen.push(r);
+                seen.0.push(r);
+                seen.1.push(c);
             }
         }
-        medians(&chosen, &mut seen, "req/s");
+        medians(chosen, &mut seen, "req/s", "us/req");
         return;
     }
     for _ in 0..rounds {
@@ -183,42 +195,66 @@ struct Paths {
     /// The proxy without the channel's multiplexer, to tell the channel's share of the proxy
     /// path from the proxy's own (only through `BENCH_PATH`).
     bare: Target,
-    /// A MITM proxy with no HTTP, on the same channel (only through `BENCH_PATH`).
+    /// A MITM proxy with no HTTP, on a channel like the proxy path's (only through
+    /// `BENCH_PATH`).
     splice: Target,
+    /// The paths `BENCH_PATH` names, in its order, when it is set.
+    chosen: Option<Vec<Which>>,
 }
 
-impl Paths {
-    /// The paths `BENCH_PATH` names, in its order, when it is set.
-    fn chosen(&self) -> Option<Vec<(String, &Target)>> {
-        let list = std::env::var("BENCH_PATH").ok()?;
-        let chosen = list
-            .split(',')
-            .map(|name| {
-                let t = match name {
-                    "direct" => &self.direct,
-                    "proxy" => &self.proxy,
-                    "bare" => &self.bare,
-                    "splice" => &self.splice,
-                    other => {
-                        eprintln!("BENCH_PATH: unknown path {other:?}; the paths are direct, proxy, bare and splice");
-                        std::process::exit(2);
-                    }
-                };
-                (name.to_string(), t)
+/// A path `BENCH_PATH` can name.
+#[derive(Clone, Copy)]
+enum Which {
+    Direct,
+    Proxy,
+    Bare,
+    Splice,
+}
+
+impl Which {
+    const ALL: [Which; 4] = [Which::Direct, Which::Proxy, Which::Bare, Which::Splice];
+
+    fn name(self) -> &'static str {
+        match self {
+            Which::Direct => "direct",
+            Which::Proxy => "proxy",
+            Which::Bare => "bare",
+            Which::Splice => "splice",
+        }
+    }
+
+    fn parse(name: &str) -> Result<Which, String> {
+        Which::ALL
+            .into_iter()
+            .find(|w| w.name() == name)
+            .ok_or_else(|| {
+                format!("unknown path {name:?}; the paths are direct, proxy, bare and splice")
             })
-            .collect();
-        Some(chosen)
     }
 }
 
-/// The median of each chosen path's rounds, and its ratio to the first path named.
-fn medians(chosen: &[(String, &Target)], seen: &mut [Vec<f64>], unit: &str) {
-    let first = median(&mut seen[0]);
-    for ((name, _), v) in chosen.iter().zip(seen) {
-        let m = median(v);
+impl Paths {
+    fn get(&self, which: Which) -> &Target {
+        match which {
+            Which::Direct => &self.direct,
+            Which::Proxy => &self.proxy,
+            Which::Bare => &self.bare,
+            Which::Splice => &self.splice,
+        }
+    }
+}
+
+/// The medians of each chosen path's rounds (throughput and CPU), and its throughput's ratio to
+/// the first path named. An even number of rounds takes the upper of the two middle values.
+fn medians(chosen: &[Which], seen: &mut [(Vec<f64>, Vec<f64>)], unit: &str, cpu_unit: &str) {
+    let first = median(&mut seen[0].0);
+    for (which, (rate, cpu)) in chosen.iter().zip(seen) {
+        let m = median(rate);
         println!(
-            "median  {name:7} {m:8.0} {unit}  ratio to {} {:.3}",
-            chosen[0].0,
+            "median  {:7} {m:8.0} {unit}  cpu {:.1} {cpu_unit}  ratio to {} {:.3}",
+            which.name(),
+            median(cpu),
+            chosen[0].name(),
             m / first
         );
     }
@@ -241,16 +277,20 @@ async fn downloads(paths: &Paths, rounds: usize) {
     let (direct, via) = (&paths.direct, &paths.proxy);
     let (mut d_mb, mut p_mb) = (Vec::new(), Vec::new());
     let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
-    if let Some(chosen) = paths.chosen() {
-        let mut seen = vec![Vec::new(); chosen.len()];
+    if let Some(chosen) = &paths.chosen {
+        let mut seen = vec![(Vec::new(), Vec::new()); chosen.len()];
         for _ in 0..rounds {
-            for ((name, t), seen) in chosen.iter().zip(&mut seen) {
-                let (r, c) = download(t).await;
-                println!("{name:7} {r:6.0} MiB/s  cpu {c:.0} ms per 100 MiB");
-                seen.push(r);
+            for (which, seen) in chosen.iter().zip(&mut seen) {
+                let (r, c) = download(paths.get(*which)).await;
+                println!(
+                    "{:7} {r:6.0} MiB/s  cpu {c:.0} ms per 100 MiB",
+                    which.name()
+                );
+                seen.0.push(r);
+                seen.1.push(c);
             }
         }
-        medians(&chosen, &mut seen, "MiB/s");
+        medians(chosen, &mut seen, "MiB/s", "ms per 100 MiB");
         return;
     }
     for _ in 0..rounds {
@@ -404,12 +444,12 @@ async fn download_here(t: &Target) -> (f64, f64) {
     )
 }
 
-/// A MITM proxy that does nothing but its two TLS connections: on the same channel as the proxy
-/// path (a yamux session over a UNIX socket pair, the `NetOpen` frame first), it terminates the
-/// guest's TLS with a certificate made once for the name, opens a TLS connection to the upstream
-/// per guest connection and copies the plaintext between them ([`pipe`]); no HTTP, no policy,
-/// no record. Beside the proxy path it shows what the proxy's HTTP handling costs. Returns the
-/// guest end of its channel and the CA its certificate is from.
+/// A MITM proxy that does nothing but its two TLS connections: on a channel of its own built
+/// like the proxy path's (a yamux session over a UNIX socket pair, the `NetOpen` frame first),
+/// it terminates the guest's TLS with a certificate made once for the name, opens a TLS
+/// connection to the upstream per guest connection and copies the plaintext between them
+/// ([`pipe`]); no HTTP, no policy, no record. Beside the proxy path it shows what the proxy's
+/// HTTP handling costs. Returns the guest end of its channel and the CA its certificate is from.
 fn splice(
     dir: &std::path::Path,
     up_port: u16,
@@ -422,9 +462,8 @@ fn splice(
         capsem_core::net::stand_in::client_trusting(up_ca).unwrap(),
     ));
     let (host_io, guest_io) = tokio::net::UnixStream::pair().unwrap();
-    let (host, mut inbound, _closed) = Mux::start(host_io, Side::Host);
+    let (_host, mut inbound, _closed) = Mux::start(host_io, Side::Host);
     tokio::spawn(async move {
-        let _host = host;
         while let Some(stream) = inbound.recv().await {
             let (acceptor, connector) = (acceptor.clone(), connector.clone());
             tokio::spawn(async move {
@@ -460,6 +499,8 @@ async fn pipe<G: Io + 'static, U: Io + 'static>(guest: G, up: U) {
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let upward = tokio::spawn(async move {
         let _ = tokio::io::copy(&mut guest_rd, &mut up_wr).await;
+        // The upstream learns the guest is done (close_notify, then FIN) and ends its side.
+        let _ = up_wr.shutdown().await;
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let reader = tokio::spawn(async move {
@@ -478,13 +519,17 @@ async fn pipe<G: Io + 'static, U: Io + 'static>(guest: G, up: U) {
         if guest_wr.write_all(&b).await.is_err() {
             break;
         }
-        // Flush (seal the TLS records and send) once nothing more is waiting.
+        // rustls may still hold records the channel did not take: send them once nothing more
+        // is queued, not after every piece.
         if rx.is_empty() && guest_wr.flush().await.is_err() {
             break;
         }
     }
+    // The upstream has ended (or the guest is gone): tell the guest, and let the upward copy
+    // finish what the guest still sends.
+    let _ = guest_wr.shutdown().await;
+    let _ = upward.await;
     reader.abort();
-    upward.abort();
 }
 
 /// The stand-in upstream: `/small` → "ok", `/big` → 100 MiB in 64 KiB chunks. Returns its
