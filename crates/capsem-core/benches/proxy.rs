@@ -5,8 +5,9 @@
 //! keep-alive connections, default 8; `BENCH_PART=requests|download` runs one half;
 //! `BENCH_PATH` names the paths to run instead of direct and proxy, comma-separated, a line per
 //! round and the medians (throughput, CPU, ratio to the first named) at the end: one alone
-//! for profiling it, several to compare them in one sitting; `bare` is the proxy without the channel's multiplexer, `splice` a MITM proxy
-//! with no HTTP at all (see [`splice`]); `BENCH_NO_RECORD=1` leaves out the session record).
+//! for profiling it, several to compare them in one sitting; `bare` is the proxy without the
+//! channel's multiplexer, `splice` a MITM proxy with no HTTP at all (see [`splice`]);
+//! `BENCH_NO_RECORD=1` leaves out the session record).
 //! Besides throughput it reports the CPU time the process spent per request and per download:
 //! on a noisy machine that ratio moves far less than the wall-clock one.
 //!
