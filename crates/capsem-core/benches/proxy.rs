@@ -70,11 +70,7 @@ async fn run(round: Duration, conns: usize, rounds: usize, chosen: Option<Vec<Wh
     let (up_port, up_ca) = upstream(dir.path()).await;
     std::fs::write(
         dir.path().join("user.toml"),
-        format!(
-            "[network]\ndefault = \"deny\"\nallow = [\"{NAME}\"]\nextra_ca_bundle = \"{}\"\n\
-             [network.upstream_override]\n\"{NAME}\" = \"127.0.0.1:{up_port}\"\n",
-            dir.path().join("upstream-ca.pem").display()
-        ),
+        capsem_core::net::stand_in::policy_for(NAME, up_port, &dir.path().join("upstream-ca.pem")),
     )
     .unwrap();
     let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca")).unwrap());
@@ -98,12 +94,13 @@ async fn run(round: Duration, conns: usize, rounds: usize, chosen: Option<Vec<Wh
         }
     });
     let (guest, _guest_inbound, _guest_closed) = Mux::start(guest_io, Side::Guest);
-    let (splice_guest, splice_ca) = splice(dir.path(), up_port, up_ca.clone());
+    let direct = Target {
+        route: Route::Direct(up_port),
+        roots: up_ca,
+    };
+    let (splice_guest, splice_ca) = splice(dir.path(), direct.clone());
     let paths = Paths {
-        direct: Target {
-            route: Route::Direct(up_port),
-            roots: up_ca,
-        },
+        direct,
         proxy: Target {
             route: Route::Relay(guest),
             roots: ca.cert_der(),
@@ -345,6 +342,15 @@ async fn relayed<S: tokio::io::AsyncWrite + Unpin>(mut s: S) -> S {
 }
 
 async fn connect(t: &Target) -> Sender {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls_to(t).await))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A TLS connection along `t`'s route, trusting `t`'s CA, to the name the upstream serves.
+async fn tls_to(t: &Target) -> tokio_rustls::client::TlsStream<Box<dyn Io>> {
     let io: Box<dyn Io> = match &t.route {
         Route::Relay(mux) => {
             Box::new(relayed(mux.open(capsem_proto::port::MITM).await.unwrap()).await)
@@ -363,15 +369,10 @@ async fn connect(t: &Target) -> Sender {
         }
     };
     let cfg = capsem_core::net::stand_in::client_trusting(t.roots.clone()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(NAME).unwrap(), io)
         .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
+        .unwrap()
 }
 
 fn get(path: &str) -> hyper::Request<Empty<Bytes>> {
@@ -451,37 +452,23 @@ async fn download_here(t: &Target) -> (f64, f64) {
 /// connection to the upstream per guest connection and copies the plaintext between them
 /// ([`pipe`]); no HTTP, no policy, no record. Beside the proxy path it shows what the proxy's
 /// HTTP handling costs. Returns the guest end of its channel and the CA its certificate is from.
-fn splice(
-    dir: &std::path::Path,
-    up_port: u16,
-    up_ca: CertificateDer<'static>,
-) -> (MuxHandle, CertificateDer<'static>) {
+fn splice(dir: &std::path::Path, upstream: Target) -> (MuxHandle, CertificateDer<'static>) {
     let tls =
         capsem_core::net::stand_in::stand_in_tls(&[NAME], &dir.join("splice-ca.pem")).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(
-        capsem_core::net::stand_in::client_trusting(up_ca).unwrap(),
-    ));
+    let upstream = Arc::new(upstream);
     let (host_io, guest_io) = tokio::net::UnixStream::pair().unwrap();
     let (_host, mut inbound, _closed) = Mux::start(host_io, Side::Host);
     tokio::spawn(async move {
         while let Some(stream) = inbound.recv().await {
-            let (acceptor, connector) = (acceptor.clone(), connector.clone());
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
             tokio::spawn(async move {
                 let mut s = capsem_proto::mux::accept(stream).await.unwrap().stream;
                 let _: NetOpen = capsem_proto::frame::expect_header(&mut s, "the network request")
                     .await
                     .unwrap();
                 let guest = acceptor.accept(s).await.unwrap();
-                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", up_port))
-                    .await
-                    .unwrap();
-                tcp.set_nodelay(true).unwrap();
-                let up = connector
-                    .connect(ServerName::try_from(NAME).unwrap(), tcp)
-                    .await
-                    .unwrap();
-                pipe(guest, up).await;
+                pipe(guest, tls_to(&upstream).await).await;
             });
         }
     });
@@ -538,40 +525,26 @@ async fn pipe<G: Io + 'static, U: Io + 'static>(guest: G, up: U) {
 async fn upstream(dir: &std::path::Path) -> (u16, CertificateDer<'static>) {
     let tls =
         capsem_core::net::stand_in::stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = if req.uri().path() == "/big" {
-                            let chunk = Bytes::from(vec![0x5a; 64 << 10]);
-                            let chunks = (0..BIG / chunk.len()).map(move |_| {
-                                Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))
-                            });
-                            StreamBody::new(futures::stream::iter(chunks)).boxed()
-                        } else {
-                            http_body_util::Full::new(Bytes::from_static(b"ok"))
-                                .map_err(|never| match never {})
-                                .boxed()
-                        };
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
+    let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let body = if req.uri().path() == "/big" {
+            let chunk = Bytes::from(vec![0x5a; 64 << 10]);
+            let chunks = (0..BIG / chunk.len())
+                .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
+            StreamBody::new(futures::stream::iter(chunks)).boxed()
+        } else {
+            http_body_util::Full::new(Bytes::from_static(b"ok"))
+                .map_err(|never| match never {})
+                .boxed()
+        };
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
     });
+    tokio::spawn(capsem_core::net::stand_in::serve(
+        listener,
+        Some(Arc::new(tls.config)),
+        svc,
+    ));
     (port, tls.ca_der)
 }
 

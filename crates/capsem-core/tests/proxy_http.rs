@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use capsem_core::net::stand_in::{client_trusting, stand_in_tls};
+use capsem_core::net::stand_in::{client_trusting, policy_for, serve, stand_in_tls};
 use capsem_core::net::{Ca, Network, PolicySource};
 use capsem_proto::net::NetOpen;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -41,36 +41,20 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// written to `dir/upstream-ca.pem`) for the guest's HTTPS, plain for its HTTP. Returns its port.
 async fn upstream(dir: &std::path::Path, https: bool) -> u16 {
     let tls = stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
-    let acceptor = https.then(|| tokio_rustls::TlsAcceptor::from(Arc::new(tls.config)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let io: Box<dyn Io> = match acceptor {
-                    Some(a) => match a.accept(tcp).await {
-                        Ok(tls) => Box::new(tls),
-                        Err(_) => return,
-                    },
-                    None => Box::new(tcp),
-                };
-                let svc = hyper::service::service_fn(serve);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(serve(
+        listener,
+        https.then(|| Arc::new(tls.config)),
+        hyper::service::service_fn(respond),
+    ));
     port
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-async fn serve(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn respond(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let full = |b: Bytes| Full::new(b).boxed();
     Ok(match req.uri().path() {
         "/big" => {
@@ -126,11 +110,7 @@ async fn guest(dir: &std::path::Path, port: u16) -> hyper::client::conn::http1::
     let up = upstream(dir, port == 443).await;
     std::fs::write(
         dir.join("user.toml"),
-        format!(
-            "[network]\ndefault = \"deny\"\nallow = [\"{NAME}\"]\nextra_ca_bundle = \"{}\"\n\
-             [network.upstream_override]\n\"{NAME}\" = \"127.0.0.1:{up}\"\n",
-            dir.join("upstream-ca.pem").display()
-        ),
+        policy_for(NAME, up, &dir.join("upstream-ca.pem")),
     )
     .unwrap();
     let ca = Arc::new(Ca::load_or_create(&dir.join("ca")).unwrap());

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 
 /// A recorded response: content type and body.
 pub type Fixture = (String, Vec<u8>);
@@ -31,7 +30,6 @@ impl Upstream {
     pub fn start(names: &[&str], dir: &Path) -> Upstream {
         let ca_pem = dir.join("stand-in-ca.pem");
         let tls = capsem_core::net::stand_in::stand_in_tls(names, &ca_pem).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.config));
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -44,26 +42,15 @@ impl Upstream {
         let port = listener.local_addr().unwrap().port();
         let fixtures: Arc<Mutex<Fixtures>> = Arc::default();
         let fx = fixtures.clone();
-        rt.spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (acceptor, fx) = (acceptor.clone(), fx.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let fx = fx.clone();
-                        async move { Ok::<_, Infallible>(respond(req, &fx).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
+        let svc = hyper::service::service_fn(move |req| {
+            let fx = fx.clone();
+            async move { Ok::<_, Infallible>(respond(req, &fx).await) }
         });
+        rt.spawn(capsem_core::net::stand_in::serve(
+            listener,
+            Some(Arc::new(tls.config)),
+            svc,
+        ));
         Upstream {
             port,
             ca_pem,

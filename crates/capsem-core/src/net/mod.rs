@@ -191,13 +191,11 @@ impl Network {
                 let _ = frame::write_frame(&mut stream, &answer).await;
             }
             NetOpen::Tcp { port, process } => {
-                // No write buffer here: hyper hands TLS a response's head and body chunks in
-                // one vectored write (and flattens on plain HTTP, whose stream cannot write
-                // vectored), so a small response is one record and one channel frame already,
-                // and a large body goes out a record (16 KiB) per frame; the handshake's flight
-                // goes a record per frame too. A buffer only added a copy of every byte; without
-                // it neither the proxy bench (A/B in both orders) nor a guest's requests and
-                // downloads (`benches/guest_net.rs`) moved beyond the noise.
+                // No write buffer here: a small response already leaves as one record and one
+                // channel frame (see `proxy`'s note on its writes), so a buffer only added a
+                // copy of every byte; without it neither the proxy bench (A/B in both orders)
+                // nor a guest's requests and downloads (`benches/guest_net.rs`) moved beyond
+                // the noise.
                 proxy::serve(self, stream, port, process).await;
             }
         }

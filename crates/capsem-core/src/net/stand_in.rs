@@ -1,8 +1,8 @@
-//! TLS for local stand-ins in tests and benchmarks: for a real site, a throw-away CA and a
-//! certificate from it for the names the stand-in serves (the proxy reaches such a server
-//! through `[network.upstream_override]` and trusts its CA through `extra_ca_bundle`, exactly
-//! as it would a mirror); for a guest's client, a configuration that trusts one CA. Nothing in
-//! a session uses this.
+//! Local stand-ins for real sites in tests and benchmarks: a throw-away CA and a certificate
+//! from it for the names the stand-in serves (the proxy reaches such a server through
+//! `[network.upstream_override]` and trusts its CA through `extra_ca_bundle`, exactly as it
+//! would a mirror), the server loop that serves HTTP on them, and for a guest's client a
+//! configuration that trusts one CA. Nothing in a session uses this.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -59,6 +59,16 @@ pub fn stand_in_tls(names: &[&str], ca_pem: &Path) -> Result<StandInTls, StandIn
     })
 }
 
+/// A `user.toml` under which a session may reach `name` and nothing else, served by the stand-in
+/// listening on 127.0.0.1:`port` whose CA certificate is at `ca_pem`.
+pub fn policy_for(name: &str, port: u16, ca_pem: &Path) -> String {
+    format!(
+        "[network]\ndefault = \"deny\"\nallow = [\"{name}\"]\nextra_ca_bundle = \"{}\"\n\
+         [network.upstream_override]\n\"{name}\" = \"127.0.0.1:{port}\"\n",
+        ca_pem.display()
+    )
+}
+
 /// A client configuration that trusts only `ca` (ring's suites, ALPN http/1.1): a guest's
 /// client trusting the capsem CA, or any client of a stand-in.
 pub fn client_trusting(ca: CertificateDer<'static>) -> Result<rustls::ClientConfig, rustls::Error> {
@@ -72,4 +82,54 @@ pub fn client_trusting(ca: CertificateDer<'static>) -> Result<rustls::ClientConf
     .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// Serve HTTP/1.1 (upgrades allowed) with `svc` on every connection `listener` accepts, over
+/// TLS when `tls` is given; runs until it is dropped. A failed handshake ends only its own
+/// connection.
+pub async fn serve<S, B>(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    svc: S,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use tokio_util::either::Either;
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin, and try again.
+                tracing::debug!(error = %e, "stand-in accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, svc) = (acceptor.clone(), svc.clone());
+        tokio::spawn(async move {
+            let io = match acceptor {
+                Some(a) => match a.accept(tcp).await {
+                    Ok(tls) => Either::Left(tls),
+                    Err(_) => return,
+                },
+                None => Either::Right(tcp),
+            };
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                .with_upgrades()
+                .await;
+        });
+    }
 }
