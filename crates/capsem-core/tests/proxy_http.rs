@@ -108,6 +108,29 @@ async fn respond(mut req: Request<Incoming>) -> Result<Response<Body>, Infallibl
 /// with upgrades.
 async fn guest(dir: &std::path::Path, port: u16) -> hyper::client::conn::http1::SendRequest<Body> {
     let up = upstream(dir, port == 443).await;
+    guest_to(dir, port, up).await
+}
+
+/// A guest connection to `port` through a fresh `Network` that maps [`NAME`] to `up`.
+async fn guest_to(
+    dir: &std::path::Path,
+    port: u16,
+    up: u16,
+) -> hyper::client::conn::http1::SendRequest<Body> {
+    let io = guest_stream(dir, port, up, b"http/1.1").await;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+/// The guest's byte stream for a connection to `port` (TLS offering `alpn` on 443).
+async fn guest_stream(dir: &std::path::Path, port: u16, up: u16, alpn: &[u8]) -> Box<dyn Io> {
+    if !dir.join("upstream-ca.pem").exists() {
+        // Only for the CA file the policy names (a plain upstream has no server for it).
+        stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
+    }
     std::fs::write(
         dir.join("user.toml"),
         policy_for(NAME, up, &dir.join("upstream-ca.pem")),
@@ -125,21 +148,16 @@ async fn guest(dir: &std::path::Path, port: u16) -> hyper::client::conn::http1::
     capsem_proto::frame::write_frame(&mut stream, &open)
         .await
         .unwrap();
-    let io: Box<dyn Io> = if port == 443 {
-        let cfg = client_trusting(ca.cert_der()).unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from(NAME).unwrap(), stream)
-            .await
-            .expect("handshake with a minted leaf");
-        Box::new(tls)
-    } else {
-        Box::new(stream)
-    };
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    if port != 443 {
+        return Box::new(stream);
+    }
+    let mut cfg = client_trusting(ca.cert_der()).unwrap();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(NAME).unwrap(), stream)
         .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
-    sender
+        .expect("handshake with a minted leaf");
+    Box::new(tls)
 }
 
 fn request(method: &str, path: &str, body: Body) -> Request<Body> {
@@ -232,4 +250,282 @@ async fn websocket(port: u16) {
         io.read_exact(&mut back).await.unwrap();
         assert_eq!(back, msg, "port {port}, round {round}");
     }
+}
+
+/// A hand-scripted HTTP/1.1 upstream (plain TCP): each request's path picks raw bytes to
+/// answer with, so the proxy's client meets every way a response can be framed. Returns its
+/// port and the number of connections it has accepted.
+async fn scripted() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(script(tcp));
+        }
+    });
+    (port, accepted)
+}
+
+async fn script(mut tcp: tokio::net::TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        // One request head (bodies are read only where a script needs them).
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut more = [0u8; 4096];
+            match tcp.read(&mut more).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&more[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        // The body, by its length or to its last chunk (the tests' bodies never hold one).
+        let body_end = |buf: &[u8]| {
+            if head.contains("transfer-encoding: chunked") {
+                buf.windows(5)
+                    .position(|w| w == b"0\r\n\r\n")
+                    .map(|i| i + 5)
+            } else {
+                let length = head
+                    .split("content-length: ")
+                    .nth(1)
+                    .and_then(|v| v.split("\r\n").next())
+                    .map(|v| v.parse::<usize>().unwrap())
+                    .unwrap_or(0);
+                (buf.len() >= length).then_some(length)
+            }
+        };
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        if path != "/early" {
+            let end = loop {
+                if let Some(end) = body_end(&buf) {
+                    break end;
+                }
+                let mut more = [0u8; 65536];
+                match tcp.read(&mut more).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&more[..n]),
+                }
+            };
+            buf.drain(..end);
+        }
+        let parts: Vec<&[u8]> = match path.as_str() {
+            "/small" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+            "/chunked" => vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailer\r\n\r\n5\r\nhel",
+                b"lo\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+            ],
+            "/head" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"],
+            "/nocontent" => vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+            "/notmodified" => vec![b"HTTP/1.1 304 Not Modified\r\ncontent-length: 50\r\n\r\n"],
+            "/continue" => vec![
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            "/conflict" => vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ],
+            "/lengths" => vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+            ],
+            "/to-close" => vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"],
+            "/bye" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"],
+            "/quiet-close" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+            "/early" => vec![
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            ],
+            _ => vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"],
+        };
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if tcp.write_all(part).await.is_err() {
+                return;
+            }
+        }
+        if matches!(
+            path.as_str(),
+            "/to-close" | "/bye" | "/quiet-close" | "/early" | "/conflict" | "/lengths"
+        ) {
+            return;
+        }
+    }
+}
+
+/// Send `method path` with `body`; the status, the body's bytes and its trailers.
+async fn exchange(
+    s: &mut hyper::client::conn::http1::SendRequest<Body>,
+    method: &str,
+    path: &str,
+    body: Body,
+) -> (StatusCode, Bytes, Option<hyper::HeaderMap>) {
+    s.ready()
+        .await
+        .unwrap_or_else(|e| panic!("the guest connection is open for {method} {path}: {e}"));
+    let mut req = request(method, path, body);
+    // hyper's server passes trailers on only to a client that said it takes them.
+    req.headers_mut()
+        .insert(header::TE, header::HeaderValue::from_static("trailers"));
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (status, collected.to_bytes(), trailers)
+}
+
+/// Every framing a response can have reaches the guest as the upstream meant it; one upstream
+/// connection carries a guest connection's requests until a response says or shows otherwise.
+#[tokio::test]
+async fn every_response_framing_reaches_the_guest() {
+    tokio::time::timeout(LIMIT, framings())
+        .await
+        .expect("the exchanges finished in time");
+}
+
+async fn framings() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, accepted) = scripted().await;
+    let mut s = guest_to(dir.path(), 80, up).await;
+    let empty = || Full::default().boxed();
+
+    let (st, body, trailers) = exchange(&mut s, "GET", "/chunked", empty()).await;
+    assert_eq!((st, &body[..]), (StatusCode::OK, &b"hello world"[..]));
+    assert_eq!(
+        trailers.expect("the trailers came through")["x-trailer"],
+        "t"
+    );
+    let (st, body, _) = exchange(&mut s, "HEAD", "/head", empty()).await;
+    assert_eq!((st, body.len()), (StatusCode::OK, 0));
+    let (st, body, _) = exchange(&mut s, "GET", "/nocontent", empty()).await;
+    assert_eq!((st, body.len()), (StatusCode::NO_CONTENT, 0));
+    let (st, body, _) = exchange(&mut s, "GET", "/notmodified", empty()).await;
+    assert_eq!((st, body.len()), (StatusCode::NOT_MODIFIED, 0));
+    let (st, body, _) = exchange(&mut s, "GET", "/continue", empty()).await;
+    assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    // A POST of a short body, and of one long enough to be streamed by a task of its own.
+    let (st, body, _) = exchange(
+        &mut s,
+        "POST",
+        "/small",
+        Full::new(Bytes::from("x")).boxed(),
+    )
+    .await;
+    assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    let long = (0..3).map(|_| Ok(Frame::data(Bytes::from(vec![7u8; 100_000]))));
+    let long = StreamBody::new(futures::stream::iter(long)).boxed();
+    let (st, body, _) = exchange(&mut s, "POST", "/small", long).await;
+    assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "every response so far left the connection fit to reuse"
+    );
+
+    // Read to the close: whole, and the next request gets a new connection.
+    let (st, body, _) = exchange(&mut s, "GET", "/to-close", empty()).await;
+    assert_eq!((st, &body[..]), (StatusCode::OK, &b"until the end"[..]));
+    let (st, _, _) = exchange(&mut s, "GET", "/small", empty()).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // The upstream says it closes (its `connection: close` reaches the guest too, which
+    // ends the guest's connection); then one that closes without saying so, while idle.
+    let (st, _, _) = exchange(&mut s, "GET", "/bye", empty()).await;
+    assert_eq!(st, StatusCode::OK);
+    let mut s = guest_to(dir.path(), 80, up).await;
+    let (st, _, _) = exchange(&mut s, "GET", "/quiet-close", empty()).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (st, body, _) = exchange(&mut s, "GET", "/small", empty()).await;
+    assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "a closed idle connection is not reused"
+    );
+
+    // Conflicting framing is refused, never guessed at.
+    for path in ["/conflict", "/lengths"] {
+        let (st, body, _) = exchange(&mut s, "GET", path, empty()).await;
+        assert_eq!(st, StatusCode::BAD_GATEWAY, "{path}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("malformed response"),
+            "{path}: {body:?}"
+        );
+    }
+}
+
+/// An upstream that answers before it has read the request body: the guest gets the answer,
+/// and the connection is not reused for what follows.
+#[tokio::test]
+async fn an_early_answer_to_a_long_upload_reaches_the_guest() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, accepted) = scripted().await;
+        let mut s = guest_to(dir.path(), 80, up).await;
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..64)
+            .map(|_| Ok(Frame::data(Bytes::from(vec![7u8; 128 << 10]))))
+            .collect();
+        let resp = s
+            .send_request(request(
+                "POST",
+                "/early",
+                StreamBody::new(futures::stream::iter(chunks)).boxed(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let _ = resp.into_body().collect().await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    })
+    .await
+    .expect("the early answer arrived in time");
+}
+
+/// An HTTP/2 guest's requests do not wait on each other's responses: one whose body the guest
+/// has not read yet leaves the next request free to use an upstream connection of its own.
+#[tokio::test]
+async fn http2_requests_do_not_wait_for_each_other() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let up = upstream(dir.path(), true).await;
+        let io = guest_stream(dir.path(), 443, up, b"h2").await;
+        let (mut s, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(io),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        let big = s
+            .send_request(request("GET", "/big", Full::default().boxed()))
+            .await
+            .unwrap();
+        assert_eq!(big.status(), StatusCode::OK);
+        // The download is far bigger than HTTP/2's windows: unread, it cannot end.
+        let other = s
+            .send_request(request(
+                "POST",
+                "/echo",
+                Full::new(Bytes::from("hi")).boxed(),
+            ))
+            .await
+            .unwrap();
+        let body = other.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hi");
+        let got = big.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), BIG);
+    })
+    .await
+    .expect("the second request was answered while the first was still open");
 }

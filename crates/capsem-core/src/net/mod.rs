@@ -17,6 +17,7 @@ mod addr;
 pub mod ca;
 mod proxy;
 pub mod stand_in;
+mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,19 +1,18 @@
 //! The MITM proxy for one relayed connection: TLS termination with a leaf minted for the
-//! client's SNI, an HTTP/1.1 server towards the guest, a policy decision per request, and a
-//! streaming HTTP/1.1 client towards the real upstream (or its `[network.upstream_override]`).
-//! Bodies stream both ways without buffering; upgrades (WebSocket) are spliced once both sides
-//! agreed; a guest connection keeps one upstream connection alive across its requests.
+//! client's SNI, hyper's HTTP/1.1 (or HTTP/2) server towards the guest, a policy decision per
+//! request, and [`super::upstream`]'s HTTP/1.1 client towards the real upstream (or its
+//! `[network.upstream_override]`). Bodies stream both ways without buffering; upgrades
+//! (WebSocket) are spliced once both sides agreed; a guest connection keeps one upstream
+//! connection alive across its requests.
 //!
-//! Both HTTP/1.1 sides leave the write strategy to hyper, which asks the stream. A TLS stream
-//! (and the upstream's TCP) writes vectored, so hyper keeps a body's chunks as they came and
-//! hands TLS the head and the chunks as one list of slices, which rustls seals into records
-//! directly; a small response is one record and one channel frame. A guest's plain-HTTP stream
-//! (port 80) does not, so hyper flattens there, and a response is again one frame. Forcing
-//! flattened writes everywhere (`writev(false)`, the eleventh and twelfth sessions) copied every
-//! body byte into hyper's own buffer first: dropping that saves a copy of each byte both ways,
-//! 6 % of the instructions and, pinned to one CPU in both orders of an A/B run, about 6 % of
-//! the CPU of a proxied download in `benches/proxy.rs`; requests did not move
-//! (docs/benchmarks.md).
+//! The guest-facing server leaves the write strategy to hyper, which asks the stream. A TLS
+//! stream writes vectored, so hyper keeps a body's chunks as they came and hands TLS the head
+//! and the chunks as one list of slices, which rustls seals into records directly; a small
+//! response is one record and one channel frame. A guest's plain-HTTP stream (port 80) does
+//! not, so hyper flattens there, and a response is again one frame. Forcing flattened writes
+//! (`writev(false)`, the eleventh and twelfth sessions) copied every body byte into hyper's own
+//! buffer first: dropping that saved 6 % of the instructions and about 6 % of the CPU of a
+//! proxied download in `benches/proxy.rs`; requests did not move (docs/benchmarks.md).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,7 +25,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper::{header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -34,6 +32,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 
+use super::upstream::{self, UpBody, Upstream, UpstreamError};
 use super::{Ca, Network};
 use crate::policy::Action;
 use crate::telemetry::models::{self, Api};
@@ -42,9 +41,9 @@ use crate::telemetry::{Event, ModelCall, NetEvent};
 /// Any byte stream the proxy serves (guest streams, TLS on top of them, CONNECT tunnels).
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-type BoxIo = Box<dyn Io>;
+pub(super) type BoxIo = Box<dyn Io>;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = BoxBody<Bytes, UpstreamError>;
 
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// At most this much of a model API response is kept for reading its usage.
@@ -136,7 +135,8 @@ struct Conn {
     /// The TLS server name, when the connection is TLS.
     sni: Option<String>,
     process: Option<String>,
-    upstream: Mutex<Option<(String, SendRequest<Body>)>>,
+    /// The upstream connection kept alive between this connection's requests.
+    upstream: upstream::Pool,
     port: u16,
 }
 
@@ -152,7 +152,7 @@ async fn serve_http(
         net,
         sni,
         process,
-        upstream: Mutex::new(None),
+        upstream: Arc::new(Mutex::new(None)),
         port,
     });
     let svc = hyper::service::service_fn(move |req| {
@@ -266,12 +266,14 @@ impl Conn {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        let mut slot = self.upstream.lock().await;
-        let reuse = match slot.take() {
-            Some((h, mut s)) if h == host => s.ready().await.is_ok().then_some(s),
+        // The kept connection, unless another request of this (HTTP/2) guest connection is
+        // using it: then this one gets a connection of its own (see `upstream::Home`).
+        let mut slot = self.upstream.clone().try_lock_owned().ok();
+        let reuse = match slot.as_mut().and_then(|s| s.take()) {
+            Some((h, mut u)) if h == host => u.is_alive().then_some(u),
             _ => None,
         };
-        let mut sender = match reuse {
+        let up = match reuse {
             Some(s) => s,
             None => {
                 // Only a new upstream connection needs the TLS configuration (a cached one,
@@ -317,14 +319,12 @@ impl Conn {
         drop(policy);
         to_http1(&mut req, &host);
         let bytes_up = Arc::new(AtomicU64::new(0));
-        let req = req.map(|b| {
-            Counted {
-                inner: b,
-                n: bytes_up.clone(),
-            }
-            .boxed()
-        });
-        let mut resp = match sender.send_request(req).await {
+        let home = upstream::Home {
+            pool: self.upstream.clone(),
+            slot,
+            host: host.clone(),
+        };
+        let reply = match upstream::exchange(up, req, bytes_up.clone(), home).await {
             Ok(r) => r,
             Err(e) => {
                 self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
@@ -334,20 +334,23 @@ impl Conn {
                 );
             }
         };
+        let resp = reply.response;
         let status = resp.status().as_u16();
         self.log(&host, &method, &path, Action::Allow, &d.rule, status);
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(guest_up) = guest_upgrade {
-                let upstream_up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    if let (Ok(g), Ok(u)) = (guest_up.await, upstream_up.await) {
-                        let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));
-                        let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+        // A 101 (only ever to a request that asked to upgrade): a pipe both ways once hyper
+        // has handed over the guest's side, starting with what the upstream sent after its head.
+        if let (Some((mut up, early)), Some(guest_up)) = (reply.tunnel, guest_upgrade) {
+            tokio::spawn(async move {
+                if let Ok(g) = guest_up.await {
+                    let mut g = TokioIo::new(g);
+                    if tokio::io::AsyncWriteExt::write_all(&mut g, &early)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut g, &mut up).await;
                     }
-                });
-            }
-        } else {
-            *slot = Some((host.clone(), sender));
+                }
+            });
         }
         // Only a model call's body is read, and only then its type matters.
         let content_type = match api {
@@ -512,7 +515,7 @@ async fn connect_upstream(
     target: &str,
     inward_ok: bool,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<SendRequest<Body>, Refused> {
+) -> Result<Upstream, Refused> {
     use super::addr::{public_addrs, AddrError};
     let connect = async {
         if inward_ok {
@@ -544,14 +547,7 @@ async fn connect_upstream(
         }
         None => Box::new(tcp),
     };
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    Ok(sender)
+    Ok(Upstream::new(io))
 }
 
 /// Make a guest request (HTTP/1.1 or HTTP/2) fit for the HTTP/1.1 upstream connection:
@@ -578,38 +574,6 @@ fn to_http1<B>(req: &mut Request<B>, host: &str) {
         }
     }
     *req.version_mut() = hyper::Version::HTTP_11;
-}
-
-/// A request body that counts the bytes it passes.
-struct Counted<B> {
-    inner: B,
-    n: Arc<AtomicU64>,
-}
-
-impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// What a response needs to record itself when it ends.
@@ -685,18 +649,18 @@ impl Tap {
 
 /// A response body that streams through unchanged while [`Tap`] counts and keeps it.
 struct Tapped {
-    inner: Incoming,
+    inner: UpBody,
     tap: Tap,
 }
 
 impl hyper::body::Body for Tapped {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, UpstreamError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
