@@ -254,23 +254,29 @@ async fn websocket(port: u16) {
 
 /// A hand-scripted HTTP/1.1 upstream (plain TCP): each request's path picks raw bytes to
 /// answer with, so the proxy's client meets every way a response can be framed. Returns its
-/// port and the number of connections it has accepted.
-async fn scripted() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+/// port, the number of connections it has accepted, and a notice of the proxy closing a
+/// connection that is in the middle of a `/hang` response.
+async fn scripted() -> (
+    u16,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<tokio::sync::Notify>,
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let hung_up = Arc::new(tokio::sync::Notify::new());
+    let (count, notice) = (accepted.clone(), hung_up.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(script(tcp));
+            tokio::spawn(script(tcp, notice.clone()));
         }
     });
-    (port, accepted)
+    (port, accepted, hung_up)
 }
 
-async fn script(mut tcp: tokio::net::TcpStream) {
+async fn script(mut tcp: tokio::net::TcpStream, hung_up: Arc<tokio::sync::Notify>) {
     let mut buf = Vec::new();
     loop {
         // One request head (bodies are read only where a script needs them).
@@ -338,6 +344,7 @@ async fn script(mut tcp: tokio::net::TcpStream) {
             "/to-close" => vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"],
             "/bye" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"],
             "/quiet-close" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+            "/hang" => vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"],
             "/early" => vec![
                 b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
             ],
@@ -351,9 +358,16 @@ async fn script(mut tcp: tokio::net::TcpStream) {
                 return;
             }
         }
+        if path == "/hang" {
+            // The rest never comes: wait for the proxy to close the connection.
+            let mut more = [0u8; 64];
+            while matches!(tcp.read(&mut more).await, Ok(n) if n > 0) {}
+            hung_up.notify_one();
+            return;
+        }
         if matches!(
             path.as_str(),
-            "/to-close" | "/bye" | "/quiet-close" | "/early" | "/conflict" | "/lengths"
+            "/to-close" | "/bye" | "/quiet-close" | "/early" | "/lengths"
         ) {
             return;
         }
@@ -393,7 +407,7 @@ async fn every_response_framing_reaches_the_guest() {
 async fn framings() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let (up, accepted) = scripted().await;
+    let (up, accepted, _) = scripted().await;
     let mut s = guest_to(dir.path(), 80, up).await;
     let empty = || Full::default().boxed();
 
@@ -454,15 +468,27 @@ async fn framings() {
         "a closed idle connection is not reused"
     );
 
-    // Conflicting framing is refused, never guessed at.
-    for path in ["/conflict", "/lengths"] {
-        let (st, body, _) = exchange(&mut s, "GET", path, empty()).await;
-        assert_eq!(st, StatusCode::BAD_GATEWAY, "{path}");
-        assert!(
-            String::from_utf8_lossy(&body).contains("malformed response"),
-            "{path}: {body:?}"
-        );
-    }
+    // A length beside chunked framing: the chunks win, the length is not passed on, and the
+    // connection is not reused (the script keeps it open; the count shows a new one).
+    s.ready().await.unwrap();
+    let resp = s
+        .send_request(request("GET", "/conflict", empty()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!resp.headers().contains_key(header::CONTENT_LENGTH));
+    assert_eq!(
+        &resp.into_body().collect().await.unwrap().to_bytes()[..],
+        b"hello"
+    );
+    // Differing lengths are refused, never guessed at.
+    let (st, body, _) = exchange(&mut s, "GET", "/lengths", empty()).await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+    assert!(
+        String::from_utf8_lossy(&body).contains("malformed response"),
+        "{body:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
 
 /// An upstream that answers before it has read the request body: the guest gets the answer,
@@ -471,7 +497,7 @@ async fn framings() {
 async fn an_early_answer_to_a_long_upload_reaches_the_guest() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
-        let (up, accepted) = scripted().await;
+        let (up, accepted, _) = scripted().await;
         let mut s = guest_to(dir.path(), 80, up).await;
         let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..64)
             .map(|_| Ok(Frame::data(Bytes::from(vec![7u8; 128 << 10]))))
@@ -528,4 +554,26 @@ async fn http2_requests_do_not_wait_for_each_other() {
     })
     .await
     .expect("the second request was answered while the first was still open");
+}
+
+/// A guest that stops reading a response whose upstream has gone quiet (a long poll, an idle
+/// event stream) does not leave the upstream connection open behind it.
+#[tokio::test]
+async fn a_body_the_guest_drops_closes_its_upstream_connection() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, _, hung_up) = scripted().await;
+        let mut s = guest_to(dir.path(), 80, up).await;
+        let resp = s
+            .send_request(request("GET", "/hang", Full::default().boxed()))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"hello");
+        drop(body);
+        hung_up.notified().await;
+    })
+    .await
+    .expect("the upstream connection was closed once the guest dropped the body");
 }

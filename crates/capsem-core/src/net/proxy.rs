@@ -30,7 +30,6 @@ use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Mutex;
 
 use super::upstream::{self, UpBody, Upstream, UpstreamError};
 use super::{Ca, Network};
@@ -135,7 +134,7 @@ struct Conn {
     /// The TLS server name, when the connection is TLS.
     sni: Option<String>,
     process: Option<String>,
-    /// The upstream connection kept alive between this connection's requests.
+    /// The upstream connections kept alive between this connection's requests.
     upstream: upstream::Pool,
     port: u16,
 }
@@ -152,7 +151,7 @@ async fn serve_http(
         net,
         sni,
         process,
-        upstream: Arc::new(Mutex::new(None)),
+        upstream: upstream::Pool::new(),
         port,
     });
     let svc = hyper::service::service_fn(move |req| {
@@ -266,13 +265,10 @@ impl Conn {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        // The kept connection, unless another request of this (HTTP/2) guest connection is
-        // using it: then this one gets a connection of its own (see `upstream::Home`).
-        let mut slot = self.upstream.clone().try_lock_owned().ok();
-        let reuse = match slot.as_mut().and_then(|s| s.take()) {
-            Some((h, mut u)) if h == host => u.is_alive().then_some(u),
-            _ => None,
-        };
+        // A kept connection if one is idle; an HTTP/2 guest's concurrent requests each get
+        // their own (see `upstream::Pool`).
+        let turn = self.upstream.turn().await;
+        let reuse = self.upstream.take(&host);
         let up = match reuse {
             Some(s) => s,
             None => {
@@ -321,8 +317,8 @@ impl Conn {
         let bytes_up = Arc::new(AtomicU64::new(0));
         let home = upstream::Home {
             pool: self.upstream.clone(),
-            slot,
             host: host.clone(),
+            turn,
         };
         let reply = match upstream::exchange(up, req, bytes_up.clone(), home).await {
             Ok(r) => r,

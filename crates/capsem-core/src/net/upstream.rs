@@ -32,7 +32,7 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::proxy::BoxIo;
@@ -45,8 +45,9 @@ const MAX_HEADERS: usize = 128;
 /// A chunk-size line (with its extensions) may be this long.
 const MAX_CHUNK_LINE: usize = 4 << 10;
 /// A request body of at most this exact size is read before the head is written and leaves
-/// with it; a response body of at most this `Content-Length` is waited for in the guest's task.
-const INLINE: u64 = 64 << 10;
+/// with it; a response body of at most this `Content-Length` (one TLS record) is waited for in
+/// the guest's task.
+const INLINE: u64 = 16 << 10;
 /// The body task reads in pieces of this much room (a TLS record is 16 KiB of plaintext).
 const READ_ROOM: usize = 16 << 10;
 /// How many read-ahead pieces of a body may wait for the guest.
@@ -94,32 +95,72 @@ impl Upstream {
     }
 }
 
-/// The upstream connection a guest connection keeps alive between its requests.
-pub(super) type Pool = Arc<Mutex<Option<(String, Upstream)>>>;
+/// The idle upstream connections a guest connection keeps alive between its requests (at
+/// most [`IDLE`]), and how many exchanges it may have open at once ([`CONCURRENT`]: an
+/// HTTP/1.1 guest has one at a time; an HTTP/2 guest's concurrent requests each get a
+/// connection of their own rather than waiting on another's response).
+#[derive(Clone)]
+pub(super) struct Pool {
+    idle: Arc<std::sync::Mutex<Vec<(String, Upstream)>>>,
+    open: Arc<Semaphore>,
+}
 
-/// Where a connection goes when its exchange ends well: the guest connection's pool. `slot` is
-/// the pool, locked for the whole exchange when this exchange took it (the next request of an
-/// HTTP/1.1 guest, which comes only after this response has ended, finds it free again). An
-/// HTTP/2 guest's concurrent requests find it taken and use connections of their own, so none
-/// waits on another's response; such a connection is kept only if the pool is free and empty.
+/// Idle connections kept per guest connection.
+const IDLE: usize = 4;
+/// Exchanges open at once per guest connection (HTTP/2 streams beyond it wait their turn).
+const CONCURRENT: usize = 16;
+
+impl Pool {
+    pub(super) fn new() -> Pool {
+        Pool {
+            idle: Arc::default(),
+            open: Arc::new(Semaphore::new(CONCURRENT)),
+        }
+    }
+
+    /// A turn to open an exchange (waits while [`CONCURRENT`] are open).
+    pub(super) async fn turn(&self) -> OwnedSemaphorePermit {
+        self.open
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed")
+    }
+
+    /// An idle connection to `host` that can carry another request; stale ones are dropped.
+    pub(super) fn take(&self, host: &str) -> Option<Upstream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(i) = idle.iter().rposition(|(h, _)| h == host) {
+            let (_, mut up) = idle.swap_remove(i);
+            if up.is_alive() {
+                return Some(up);
+            }
+        }
+        None
+    }
+
+    fn keep(&self, host: String, up: Upstream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= IDLE {
+            idle.remove(0);
+        }
+        idle.push((host, up));
+    }
+}
+
+/// Where a connection goes when its exchange ends well, and the exchange's turn in the pool
+/// (given back when the exchange ends either way).
 pub(super) struct Home {
     pub(super) pool: Pool,
-    pub(super) slot: Option<OwnedMutexGuard<Option<(String, Upstream)>>>,
     pub(super) host: String,
+    pub(super) turn: OwnedSemaphorePermit,
 }
 
 impl Home {
     fn keep(self, up: Upstream) {
-        match self.slot {
-            Some(mut slot) => *slot = Some((self.host, up)),
-            None => {
-                if let Ok(mut slot) = self.pool.try_lock_owned() {
-                    if slot.is_none() {
-                        *slot = Some((self.host, up));
-                    }
-                }
-            }
-        }
+        let Home { pool, host, turn } = self;
+        pool.keep(host, up);
+        drop(turn);
     }
 }
 
@@ -188,18 +229,28 @@ pub(super) async fn exchange(
         }
     };
 
-    // The response head, past any interim (1xx) responses.
+    // The response head, past any interim (1xx) responses. It is parsed only once its end is
+    // in, and each read is searched once, so a head that trickles in costs no more than one
+    // that arrives whole.
+    let mut searched = 0;
     let (status, headers, version) = loop {
-        if let Some((status, headers, version, len)) = parse_head(&buf)? {
+        if head_may_end(&buf, &mut searched) {
+            let Some((status, headers, version, len)) = parse_head(&buf)? else {
+                continue_reading(&buf)?;
+                buf.reserve(8 << 10);
+                if rd.read_buf(&mut buf).await? == 0 {
+                    return Err(UpstreamError::Truncated);
+                }
+                continue;
+            };
             buf.advance(len);
+            searched = 0;
             if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 continue;
             }
             break (status, headers, version);
         }
-        if buf.len() > MAX_HEAD {
-            return Err(UpstreamError::Malformed("response head too long"));
-        }
+        continue_reading(&buf)?;
         buf.reserve(8 << 10);
         if rd.read_buf(&mut buf).await? == 0 {
             return Err(UpstreamError::Truncated);
@@ -213,7 +264,7 @@ pub(super) async fn exchange(
         if !asks_upgrade {
             return Err(UpstreamError::Malformed("101 to a request without Upgrade"));
         }
-        let wr = writer.finish().await.ok_or(UpstreamError::Truncated)?;
+        let wr = writer.finish(true).await.ok_or(UpstreamError::Truncated)?;
         return Ok(Reply {
             response,
             tunnel: Some((rd.unsplit(wr), buf.freeze())),
@@ -221,9 +272,17 @@ pub(super) async fn exchange(
     }
 
     keep &= version == 1 && !has_token(&headers, &header::CONNECTION, "close");
+    let mut headers = headers;
     let framing = response_framing(head_only, status, &headers)?;
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.remove(header::CONTENT_LENGTH).is_some()
+    {
+        // Transfer-Encoding wins and the length goes (RFC 9112 §6.3); a server that sends both
+        // may be framing its messages for someone else, so its connection is not reused.
+        keep = false;
+    }
     *response.headers_mut() = headers;
-    let mut body = Decoder { framing };
+    let mut body = Decoder::new(framing);
     let mut frames = VecDeque::new();
     let mut ended = body.drain(&mut buf, &mut frames)?;
     // A short Content-Length body is waited for here rather than handed to a task.
@@ -278,22 +337,22 @@ struct Writer {
 }
 
 impl Writer {
-    /// The write half back, when the request went out whole. The response has ended, so a
-    /// body still being written is either in its last step or one the upstream answered
-    /// without reading it all; after [`SETTLE`] it is the second, cut off, and its connection
-    /// is not reused.
-    async fn finish(mut self) -> Option<WriteHalf<BoxIo>> {
+    /// The write half back, when the request went out whole and the connection is to be
+    /// reused. The response has ended, so a body still being written is either in its last
+    /// step or one the upstream answered without reading it all; after [`SETTLE`] it is the
+    /// second, cut off, and its connection is not reused. Waited for in place, so a caller
+    /// that goes away meanwhile still stops the task (on drop).
+    async fn finish(mut self, reusable: bool) -> Option<WriteHalf<BoxIo>> {
         if let Some(wr) = self.idle.take() {
-            return Some(wr);
+            return reusable.then_some(wr);
         }
-        let mut task = self.busy.take()?;
-        match tokio::time::timeout(SETTLE, &mut task).await {
-            Ok(Ok((wr, true))) => Some(wr),
-            Ok(_) => None,
-            Err(_) => {
-                task.abort();
-                None
+        let task = self.busy.as_mut().filter(|_| reusable)?;
+        match tokio::time::timeout(SETTLE, task).await {
+            Ok(Ok((wr, true))) => {
+                self.busy = None;
+                Some(wr)
             }
+            _ => None,
         }
     }
 }
@@ -316,23 +375,23 @@ struct Parts {
 }
 
 impl Parts {
-    /// The response has ended: back to the slot if it can carry another request.
+    /// The response has ended: back to the pool if it can carry another request.
     async fn finish(self, body: &Decoder, home: Home) {
         let reusable = self.keep && body.framing != Framing::Close && self.buf.is_empty();
-        if let Some(wr) = self.writer.finish().await {
-            if reusable {
-                home.keep(Upstream {
-                    rd: self.rd,
-                    wr,
-                    buf: self.buf,
-                });
-            }
+        if let Some(wr) = self.writer.finish(reusable).await {
+            home.keep(Upstream {
+                rd: self.rd,
+                wr,
+                buf: self.buf,
+            });
         }
     }
 }
 
-/// Read the rest of a response body ahead of the guest, a piece at a time; the connection goes
-/// back to its slot before the guest sees the body's end, so the guest's next request finds it.
+/// Read the rest of a response body ahead of the guest, a piece at a time. The connection goes
+/// back to the pool before the body's last piece goes to the guest (hyper's server may end the
+/// exchange on the last byte of a known length, and the guest's next request should find it),
+/// and is closed as soon as the guest stops wanting the body, even while the upstream is quiet.
 async fn pump(
     mut conn: Parts,
     mut body: Decoder,
@@ -349,7 +408,12 @@ async fn pump(
         if conn.buf.capacity() - conn.buf.len() < READ_ROOM {
             conn.buf.reserve(4 * READ_ROOM);
         }
-        let ended = match conn.rd.read_buf(&mut conn.buf).await {
+        let read = tokio::select! {
+            biased;
+            r = conn.rd.read_buf(&mut conn.buf) => r,
+            _ = tx.closed() => return,
+        };
+        let ended = match read {
             Ok(0) => body.at_close(),
             Ok(_) => body.drain(&mut conn.buf, &mut frames),
             Err(e) => Err(e.into()),
@@ -357,12 +421,12 @@ async fn pump(
         match ended {
             Ok(false) => {}
             Ok(true) => {
+                conn.finish(&body, home).await;
                 for f in frames {
                     if tx.send(Ok(f)).await.is_err() {
                         return;
                     }
                 }
-                conn.finish(&body, home).await;
                 return;
             }
             Err(e) => {
@@ -386,7 +450,7 @@ enum Sent {
     /// Chunked, with the header added.
     AddChunked,
     /// No body, and `content-length: 0` added: an HTTP/2 guest's empty POST, PUT or PATCH
-    /// (servers may refuse those without a length, as hyper's client also added it).
+    /// (servers may refuse those without a length).
     AddZeroLength,
 }
 
@@ -402,6 +466,13 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &Incoming) -> Sen
             Method::POST | Method::PUT | Method::PATCH => Sent::AddZeroLength,
             _ => Sent::None,
         }
+    } else if matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    ) {
+        // An HTTP/2 guest's body of unknown length on a method that has none in practice is
+        // not passed on, as hyper's client did not (servers may refuse it chunked).
+        Sent::None
     } else {
         Sent::AddChunked
     }
@@ -417,7 +488,11 @@ fn write_head(out: &mut Vec<u8>, parts: &hyper::http::request::Parts, framing: S
         .unwrap_or("/");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let chunked = matches!(framing, Sent::Chunked | Sent::AddChunked);
     for (name, value) in &parts.headers {
+        if chunked && name == header::CONTENT_LENGTH {
+            continue; // the chunks carry the length (hyper's server already drops it)
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -557,13 +632,8 @@ fn response_framing(
     {
         return Ok(Framing::Length(0));
     }
-    let lengths = headers.get_all(header::CONTENT_LENGTH);
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        if lengths.iter().next().is_some() {
-            return Err(UpstreamError::Malformed(
-                "both Content-Length and Transfer-Encoding",
-            ));
-        }
+        // Any Content-Length beside it is ignored (and removed before the guest sees it).
         let last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -577,7 +647,7 @@ fn response_framing(
         });
     }
     let mut length = None;
-    for value in lengths.iter() {
+    for value in headers.get_all(header::CONTENT_LENGTH).iter() {
         let text = value
             .to_str()
             .map_err(|_| UpstreamError::Malformed("bad Content-Length"))?;
@@ -601,6 +671,17 @@ fn response_framing(
 /// Turns the bytes of a response body, as they arrive, into frames for the guest.
 struct Decoder {
     framing: Framing,
+    /// How far a trailer section has been searched for its end.
+    searched: usize,
+}
+
+impl Decoder {
+    fn new(framing: Framing) -> Decoder {
+        Decoder {
+            framing,
+            searched: 0,
+        }
+    }
 }
 
 impl Decoder {
@@ -627,7 +708,7 @@ impl Decoder {
                     }
                     return Ok(false);
                 }
-                Framing::Chunked(state) => match chunk_step(state, buf, out)? {
+                Framing::Chunked(state) => match chunk_step(state, buf, out, &mut self.searched)? {
                     Some(Chunk::Done) => {
                         self.framing = Framing::Chunked(Chunk::Done);
                         return Ok(true);
@@ -653,6 +734,7 @@ fn chunk_step(
     state: Chunk,
     buf: &mut BytesMut,
     out: &mut VecDeque<Frame<Bytes>>,
+    searched: &mut usize,
 ) -> Result<Option<Chunk>, UpstreamError> {
     Ok(Some(match state {
         Chunk::Done => Chunk::Done,
@@ -698,6 +780,13 @@ fn chunk_step(
                 buf.advance(2);
                 return Ok(Some(Chunk::Done));
             }
+            if !head_may_end(buf, searched) {
+                return if buf.len() > MAX_HEAD {
+                    Err(UpstreamError::Malformed("unreadable trailers"))
+                } else {
+                    Ok(None)
+                };
+            }
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match httparse::parse_headers(buf, &mut fields) {
                 Ok(httparse::Status::Complete((n, fields))) => {
@@ -711,6 +800,22 @@ fn chunk_step(
             }
         }
     }))
+}
+
+/// Whether `buf` may hold the end of a head or trailer section (an empty line, CRLF or bare
+/// LF), looking only at what arrived since the last look (`searched`, kept by the caller).
+fn head_may_end(buf: &[u8], searched: &mut usize) -> bool {
+    let from = searched.saturating_sub(2).min(buf.len());
+    *searched = buf.len();
+    buf[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r")
+}
+
+/// A head still incomplete may grow only so far.
+fn continue_reading(buf: &[u8]) -> Result<(), UpstreamError> {
+    if buf.len() > MAX_HEAD {
+        return Err(UpstreamError::Malformed("response head too long"));
+    }
+    Ok(())
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
@@ -808,7 +913,7 @@ mod tests {
 
     /// Feed `wire` to a decoder in pieces of `step` bytes; the body's bytes and trailers.
     fn decode(f: Framing, wire: &[u8], step: usize) -> (Vec<u8>, Option<HeaderMap>, bool) {
-        let mut d = Decoder { framing: f };
+        let mut d = Decoder::new(f);
         let (mut buf, mut out) = (BytesMut::new(), VecDeque::new());
         let mut ended = false;
         for piece in wire.chunks(step) {
@@ -845,6 +950,11 @@ mod tests {
             Framing::Close
         );
         assert_eq!(framing(&[]).unwrap(), Framing::Close);
+        // Transfer-Encoding wins over a length beside it (which `exchange` then removes).
+        assert_eq!(
+            framing(&[("content-length", "3"), ("transfer-encoding", "chunked")]).unwrap(),
+            Framing::Chunked(Chunk::Size)
+        );
         for (status, head_only) in [(204, false), (304, false), (200, true)] {
             let f = response_framing(
                 head_only,
@@ -862,7 +972,6 @@ mod tests {
     #[test]
     fn conflicting_framing_is_refused() {
         for bad in [
-            vec![("content-length", "3"), ("transfer-encoding", "chunked")],
             vec![("content-length", "3"), ("content-length", "4")],
             vec![("content-length", "3, 4")],
             vec![("content-length", "+3")],
@@ -903,9 +1012,7 @@ mod tests {
             b"11111111111111111\r\n",
             b"3 x\r\nabc\r\n",
         ] {
-            let mut d = Decoder {
-                framing: Framing::Chunked(Chunk::Size),
-            };
+            let mut d = Decoder::new(Framing::Chunked(Chunk::Size));
             let mut buf = BytesMut::from(wire);
             let r = d.drain(&mut buf, &mut VecDeque::new());
             assert!(
@@ -914,34 +1021,22 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
         }
-        let mut d = Decoder {
-            framing: Framing::Chunked(Chunk::Size),
-        };
+        let mut d = Decoder::new(Framing::Chunked(Chunk::Size));
         let mut buf = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
         assert!(d.drain(&mut buf, &mut VecDeque::new()).is_err());
     }
 
     #[test]
     fn a_length_body_stops_at_its_length() {
-        let mut d = Decoder {
-            framing: Framing::Length(4),
-        };
+        let mut d = Decoder::new(Framing::Length(4));
         let mut buf = BytesMut::from(&b"abcdEXTRA"[..]);
         let mut out = VecDeque::new();
         assert!(d.drain(&mut buf, &mut out).unwrap());
         assert_eq!(out.pop_front().unwrap().into_data().unwrap(), "abcd");
         assert_eq!(&buf[..], b"EXTRA");
         // A cut body is an error, the end of a read-to-close one is not.
-        assert!(Decoder {
-            framing: Framing::Length(1)
-        }
-        .at_close()
-        .is_err());
-        assert!(Decoder {
-            framing: Framing::Close
-        }
-        .at_close()
-        .unwrap());
+        assert!(Decoder::new(Framing::Length(1)).at_close().is_err());
+        assert!(Decoder::new(Framing::Close).at_close().unwrap());
     }
 
     #[test]
@@ -960,6 +1055,29 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(status.is_informational());
+    }
+
+    #[test]
+    fn a_trickling_head_is_parsed_once_it_has_ended() {
+        let wire = b"HTTP/1.1 200 OK\r\nA: b\r\nC: d\r\n\r\n";
+        let (mut buf, mut searched, mut tries) = (Vec::new(), 0, 0);
+        for &byte in wire {
+            buf.push(byte);
+            if head_may_end(&buf, &mut searched) {
+                tries += 1;
+                if parse_head(&buf).unwrap().is_some() {
+                    break;
+                }
+            }
+        }
+        assert_eq!(buf.len(), wire.len(), "parsed only when whole");
+        assert!(
+            tries <= 2,
+            "{tries} parses of a head that came a byte at a time"
+        );
+        // Bare line feeds end a head too.
+        let mut searched = 0;
+        assert!(head_may_end(b"HTTP/1.1 200 OK\nA: b\n\n", &mut searched));
     }
 
     #[test]
