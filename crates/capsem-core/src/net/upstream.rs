@@ -8,8 +8,9 @@
 //!
 //! hyper's client, which this replaced, hands every request to a connection task of its own
 //! and the response back through channels: two hand-offs between tasks per request that a
-//! small exchange does not need. On this 2-core machine that was 13–36 % of the proxy path's
-//! requests/s (docs/benchmarks.md, fourteenth and fifteenth sessions).
+//! small exchange does not need. Without them the proxy's HTTP handling costs about 12 µs of
+//! CPU per request over a proxy that does no HTTP at all, where it cost 17–31 µs, and a
+//! download about 10 % less CPU (`benches/proxy.rs`; docs/benchmarks.md, fifteenth session).
 //!
 //! Framing follows RFC 9112 §6.3: no body after `HEAD`, 1xx, 204 and 304; `Transfer-Encoding`
 //! ending in `chunked`, else read to the close; else `Content-Length`; else read to the close.
@@ -50,6 +51,8 @@ const MAX_CHUNK_LINE: usize = 4 << 10;
 const INLINE: u64 = 16 << 10;
 /// The body task reads in pieces of this much room (a TLS record is 16 KiB of plaintext).
 const READ_ROOM: usize = 16 << 10;
+/// The body task hands the guest's side pieces of up to this much (see [`gather`]).
+const GATHER: usize = 64 << 10;
 /// How many read-ahead pieces of a body may wait for the guest.
 const AHEAD: usize = 4;
 /// How long a request body still being written when its response has ended may take to finish.
@@ -413,7 +416,7 @@ async fn pump(
             r = conn.rd.read_buf(&mut conn.buf) => r,
             _ = tx.closed() => return,
         };
-        let ended = match read {
+        let ended = match read.and_then(|n| gather(&mut conn, n)) {
             Ok(0) => body.at_close(),
             Ok(_) => body.drain(&mut conn.buf, &mut frames),
             Err(e) => Err(e.into()),
@@ -435,6 +438,25 @@ async fn pump(
             }
         }
     }
+}
+
+/// After a read of `n` bytes, take in what else is ready at once, up to [`GATHER`] bytes: a read
+/// brings one TLS record (16 KiB), and each piece handed to the guest's side costs a hand-over
+/// and a pass through hyper and TLS there. Returns `n` (0 for the end), or the error that cut
+/// the body. The end, found here, is seen again by the next read.
+fn gather(conn: &mut Parts, n: usize) -> io::Result<usize> {
+    if n == 0 {
+        return Ok(0);
+    }
+    while conn.buf.len() < GATHER && conn.buf.capacity() > conn.buf.len() {
+        match conn.rd.read_buf(&mut conn.buf).now_or_never() {
+            Some(Ok(more)) if more > 0 => {}
+            Some(Err(e)) => return Err(e),
+            // Nothing ready now (the next read proper waits for it), or the end.
+            _ => break,
+        }
+    }
+    Ok(n)
 }
 
 /// How the request body travels upstream.
