@@ -8,9 +8,10 @@
 //!
 //! hyper's client, which this replaced, hands every request to a connection task of its own
 //! and the response back through channels: two hand-offs between tasks per request that a
-//! small exchange does not need. Without them the proxy's HTTP handling costs about 12 µs of
-//! CPU per request over a proxy that does no HTTP at all, where it cost 17–31 µs, and a
-//! download about 10 % less CPU (`benches/proxy.rs`; docs/benchmarks.md, fifteenth session).
+//! small exchange does not need. Without them the proxy's HTTP handling costs 12–14 µs of CPU
+//! per request more than a proxy that does no HTTP at all, where it cost 17–31 µs
+//! (`BENCH_PATH=direct,proxy,splice` of `benches/proxy.rs`; docs/benchmarks.md, fifteenth
+//! session).
 //!
 //! Framing follows RFC 9112 §6.3: no body after `HEAD`, 1xx, 204 and 304; `Transfer-Encoding`
 //! ending in `chunked`, else read to the close; else `Content-Length`; else read to the close.
