@@ -33,6 +33,13 @@ fn pattern(i: usize) -> u8 {
 /// A test's whole run may take this long: a proxy that hangs fails the test instead of CI.
 const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Run `test` within [`LIMIT`]; a hang fails with what should have happened.
+async fn in_time<T>(what: &str, test: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, test)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {LIMIT:?}"))
+}
+
 /// Bodies on both sides of the test (the guest's requests, the upstream's responses).
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -160,6 +167,13 @@ async fn guest_stream(dir: &std::path::Path, port: u16, up: u16, alpn: &[u8]) ->
     Box::new(tls)
 }
 
+/// A body that streams `chunks` one frame each, with no length announced.
+fn streamed(chunks: impl IntoIterator<Item = Bytes>) -> Body {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+        chunks.into_iter().map(|c| Ok(Frame::data(c))).collect();
+    StreamBody::new(futures::stream::iter(frames)).boxed()
+}
+
 fn request(method: &str, path: &str, body: Body) -> Request<Body> {
     Request::builder()
         .method(method)
@@ -198,17 +212,10 @@ async fn large_bodies(port: u16) {
     );
 
     // The upload in uneven chunks too, so the proxy's client side writes many slices.
-    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = expected
-        .chunks(50_001)
-        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
-        .collect();
+    let chunks = expected.chunks(50_001).map(Bytes::copy_from_slice);
     s.ready().await.unwrap();
     let resp = s
-        .send_request(request(
-            "POST",
-            "/echo",
-            StreamBody::new(futures::stream::iter(chunks)).boxed(),
-        ))
+        .send_request(request("POST", "/echo", streamed(chunks)))
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -399,9 +406,7 @@ async fn exchange(
 /// connection carries a guest connection's requests until a response says or shows otherwise.
 #[tokio::test]
 async fn every_response_framing_reaches_the_guest() {
-    tokio::time::timeout(LIMIT, framings())
-        .await
-        .expect("the exchanges finished in time");
+    in_time("the exchanges finished", framings()).await;
 }
 
 async fn framings() {
@@ -434,8 +439,7 @@ async fn framings() {
     )
     .await;
     assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
-    let long = (0..3).map(|_| Ok(Frame::data(Bytes::from(vec![7u8; 100_000]))));
-    let long = StreamBody::new(futures::stream::iter(long)).boxed();
+    let long = streamed((0..3).map(|_| Bytes::from(vec![7u8; 100_000])));
     let (st, body, _) = exchange(&mut s, "POST", "/small", long).await;
     assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
     assert_eq!(
@@ -495,85 +499,82 @@ async fn framings() {
 /// and the connection is not reused for what follows.
 #[tokio::test]
 async fn an_early_answer_to_a_long_upload_reaches_the_guest() {
-    tokio::time::timeout(LIMIT, async {
+    in_time("the early answer arrived in time", async {
         let dir = tempfile::tempdir().unwrap();
         let (up, accepted, _) = scripted().await;
         let mut s = guest_to(dir.path(), 80, up).await;
-        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..64)
-            .map(|_| Ok(Frame::data(Bytes::from(vec![7u8; 128 << 10]))))
-            .collect();
+        let chunks = (0..64).map(|_| Bytes::from(vec![7u8; 128 << 10]));
         let resp = s
-            .send_request(request(
-                "POST",
-                "/early",
-                StreamBody::new(futures::stream::iter(chunks)).boxed(),
-            ))
+            .send_request(request("POST", "/early", streamed(chunks)))
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let _ = resp.into_body().collect().await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     })
-    .await
-    .expect("the early answer arrived in time");
+    .await;
 }
 
 /// An HTTP/2 guest's requests do not wait on each other's responses: one whose body the guest
 /// has not read yet leaves the next request free to use an upstream connection of its own.
 #[tokio::test]
 async fn http2_requests_do_not_wait_for_each_other() {
-    tokio::time::timeout(LIMIT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let up = upstream(dir.path(), true).await;
-        let io = guest_stream(dir.path(), 443, up, b"h2").await;
-        let (mut s, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            TokioIo::new(io),
-        )
-        .await
-        .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
-        let big = s
-            .send_request(request("GET", "/big", Full::default().boxed()))
+    in_time(
+        "the second request was answered while the first was still open",
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let up = upstream(dir.path(), true).await;
+            let io = guest_stream(dir.path(), 443, up, b"h2").await;
+            let (mut s, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(io),
+            )
             .await
-            .unwrap();
-        assert_eq!(big.status(), StatusCode::OK);
-        // The download is far bigger than HTTP/2's windows: unread, it cannot end.
-        let other = s
-            .send_request(request(
-                "POST",
-                "/echo",
-                Full::new(Bytes::from("hi")).boxed(),
-            ))
-            .await
-            .unwrap();
-        let body = other.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"hi");
-        let got = big.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(got.len(), BIG);
-    })
-    .await
-    .expect("the second request was answered while the first was still open");
+            .expect("an HTTP/2 connection");
+            tokio::spawn(conn);
+            let big = s
+                .send_request(request("GET", "/big", Full::default().boxed()))
+                .await
+                .unwrap();
+            assert_eq!(big.status(), StatusCode::OK);
+            // The download is far bigger than HTTP/2's windows: unread, it cannot end.
+            let other = s
+                .send_request(request(
+                    "POST",
+                    "/echo",
+                    Full::new(Bytes::from("hi")).boxed(),
+                ))
+                .await
+                .unwrap();
+            let body = other.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"hi");
+            let got = big.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(got.len(), BIG);
+        },
+    )
+    .await;
 }
 
 /// A guest that stops reading a response whose upstream has gone quiet (a long poll, an idle
 /// event stream) does not leave the upstream connection open behind it.
 #[tokio::test]
 async fn a_body_the_guest_drops_closes_its_upstream_connection() {
-    tokio::time::timeout(LIMIT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let (up, _, hung_up) = scripted().await;
-        let mut s = guest_to(dir.path(), 80, up).await;
-        let resp = s
-            .send_request(request("GET", "/hang", Full::default().boxed()))
-            .await
-            .unwrap();
-        let mut body = resp.into_body();
-        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(&first[..], b"hello");
-        drop(body);
-        hung_up.notified().await;
-    })
-    .await
-    .expect("the upstream connection was closed once the guest dropped the body");
+    in_time(
+        "the upstream connection was closed once the guest dropped the body",
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let (up, _, hung_up) = scripted().await;
+            let mut s = guest_to(dir.path(), 80, up).await;
+            let resp = s
+                .send_request(request("GET", "/hang", Full::default().boxed()))
+                .await
+                .unwrap();
+            let mut body = resp.into_body();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&first[..], b"hello");
+            drop(body);
+            hung_up.notified().await;
+        },
+    )
+    .await;
 }
