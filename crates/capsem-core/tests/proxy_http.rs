@@ -174,6 +174,11 @@ fn streamed(chunks: impl IntoIterator<Item = Bytes>) -> Body {
     StreamBody::new(futures::stream::iter(frames)).boxed()
 }
 
+/// An upload of `len` bytes (a multiple of 128 KiB) in 128 KiB pieces.
+fn upload(len: usize) -> Body {
+    streamed((0..len / (128 << 10)).map(|_| Bytes::from(vec![7u8; 128 << 10])))
+}
+
 fn request(method: &str, path: &str, body: Body) -> Request<Body> {
     Request::builder()
         .method(method)
@@ -263,7 +268,9 @@ async fn websocket(port: u16) {
 /// answer with, so the proxy's client meets every way a response can be framed. Returns its
 /// port, the number of connections it has accepted, and a notice of the proxy closing a
 /// connection that is in the middle of a `/hang` response.
-async fn scripted() -> (
+async fn scripted(
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (
     u16,
     Arc<std::sync::atomic::AtomicUsize>,
     Arc<tokio::sync::Notify>,
@@ -277,13 +284,23 @@ async fn scripted() -> (
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(script(tcp, notice.clone()));
+            let (notice, tls) = (notice.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => script(tcp, notice).await,
+                    Some(cfg) => {
+                        if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                            script(s, notice).await;
+                        }
+                    }
+                }
+            });
         }
     });
     (port, accepted, hung_up)
 }
 
-async fn script(mut tcp: tokio::net::TcpStream, hung_up: Arc<tokio::sync::Notify>) {
+async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
     let mut buf = Vec::new();
     loop {
         // One request head (bodies are read only where a script needs them).
@@ -316,7 +333,8 @@ async fn script(mut tcp: tokio::net::TcpStream, hung_up: Arc<tokio::sync::Notify
             }
         };
         let path = head.split(' ').nth(1).unwrap_or("").to_string();
-        if path != "/early" {
+        // The `/early` answers come before the body has been read (if ever).
+        if !path.starts_with("/early") {
             let end = loop {
                 if let Some(end) = body_end(&buf) {
                     break end;
@@ -352,6 +370,7 @@ async fn script(mut tcp: tokio::net::TcpStream, hung_up: Arc<tokio::sync::Notify
             "/bye" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"],
             "/quiet-close" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
             "/hang" => vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"],
+            "/early-keep" => vec![b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n"],
             "/early" => vec![
                 b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
             ],
@@ -374,7 +393,7 @@ async fn script(mut tcp: tokio::net::TcpStream, hung_up: Arc<tokio::sync::Notify
         }
         if matches!(
             path.as_str(),
-            "/to-close" | "/bye" | "/quiet-close" | "/early" | "/lengths"
+            "/to-close" | "/quiet-close" | "/early" | "/lengths"
         ) {
             return;
         }
@@ -412,7 +431,7 @@ async fn every_response_framing_reaches_the_guest() {
 async fn framings() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let (up, accepted, _) = scripted().await;
+    let (up, accepted, _) = scripted(None).await;
     let mut s = guest_to(dir.path(), 80, up).await;
     let empty = || Full::default().boxed();
 
@@ -455,8 +474,9 @@ async fn framings() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
-    // The upstream says it closes (its `connection: close` reaches the guest too, which
-    // ends the guest's connection); then one that closes without saying so, while idle.
+    // The upstream says it will close (and keeps its socket open, so that only the header
+    // tells); it reaches the guest too, which ends the guest's connection. Then one that closes
+    // without saying so, while idle.
     let (st, _, _) = exchange(&mut s, "GET", "/bye", empty()).await;
     assert_eq!(st, StatusCode::OK);
     let mut s = guest_to(dir.path(), 80, up).await;
@@ -495,22 +515,20 @@ async fn framings() {
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
 
-/// An upstream that answers before it has read the request body: the guest gets the answer,
-/// and the connection is not reused for what follows.
+/// An upstream that answers before it has read the request body: an HTTP/1.1 guest still gets
+/// the answer (`connections_in_doubt_are_not_reused` shows the connection is not reused).
 #[tokio::test]
 async fn an_early_answer_to_a_long_upload_reaches_the_guest() {
     in_time("the early answer arrived in time", async {
         let dir = tempfile::tempdir().unwrap();
-        let (up, accepted, _) = scripted().await;
+        let (up, _, _) = scripted(None).await;
         let mut s = guest_to(dir.path(), 80, up).await;
-        let chunks = (0..64).map(|_| Bytes::from(vec![7u8; 128 << 10]));
         let resp = s
-            .send_request(request("POST", "/early", streamed(chunks)))
+            .send_request(request("POST", "/early", upload(8 << 20)))
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let _ = resp.into_body().collect().await;
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     })
     .await;
 }
@@ -524,20 +542,14 @@ async fn http2_requests_do_not_wait_for_each_other() {
         async {
             let dir = tempfile::tempdir().unwrap();
             let up = upstream(dir.path(), true).await;
-            let io = guest_stream(dir.path(), 443, up, b"h2").await;
-            let (mut s, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                TokioIo::new(io),
-            )
-            .await
-            .expect("an HTTP/2 connection");
-            tokio::spawn(conn);
+            let mut s = h2_guest(dir.path(), up).await;
             let big = s
                 .send_request(request("GET", "/big", Full::default().boxed()))
                 .await
                 .unwrap();
             assert_eq!(big.status(), StatusCode::OK);
-            // The download is far bigger than HTTP/2's windows: unread, it cannot end.
+            // The download is far bigger than the guest's window (64 KiB) and what the
+            // proxy buffers on the way: unread, it cannot end.
             let other = s
                 .send_request(request(
                     "POST",
@@ -563,7 +575,7 @@ async fn a_body_the_guest_drops_closes_its_upstream_connection() {
         "the upstream connection was closed once the guest dropped the body",
         async {
             let dir = tempfile::tempdir().unwrap();
-            let (up, _, hung_up) = scripted().await;
+            let (up, _, hung_up) = scripted(None).await;
             let mut s = guest_to(dir.path(), 80, up).await;
             let resp = s
                 .send_request(request("GET", "/hang", Full::default().boxed()))
@@ -576,5 +588,73 @@ async fn a_body_the_guest_drops_closes_its_upstream_connection() {
             hung_up.notified().await;
         },
     )
+    .await;
+}
+
+/// An HTTP/2 guest connection (offering only `h2`, with a 64 KiB stream window) through a
+/// fresh `Network` that maps [`NAME`] to the HTTPS upstream at `up`.
+async fn h2_guest(dir: &std::path::Path, up: u16) -> hyper::client::conn::http2::SendRequest<Body> {
+    let io = guest_stream(dir, 443, up, b"h2").await;
+    let (s, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(io))
+        .await
+        .expect("an HTTP/2 connection");
+    tokio::spawn(conn);
+    s
+}
+
+/// Send `GET path` and read the whole response; its status.
+async fn h2_get(s: &mut hyper::client::conn::http2::SendRequest<Body>, path: &str) -> StatusCode {
+    let resp = s
+        .send_request(request("GET", path, Full::default().boxed()))
+        .await
+        .unwrap();
+    let status = resp.status();
+    let _ = resp.into_body().collect().await.unwrap();
+    status
+}
+
+/// An upstream connection is reused only when its last exchange ended clean: not after the
+/// upstream said it closes, nor after an answer that came before the upload it answered had
+/// gone. (Over HTTP/2, whose guest connection outlives any one response, so that the pool's
+/// choice shows in the upstream's count of connections.)
+#[tokio::test]
+async fn connections_in_doubt_are_not_reused() {
+    in_time("the exchanges finished", async {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let tls = stand_in_tls(&[NAME], &dir.path().join("upstream-ca.pem")).unwrap();
+        let (up, accepted, _) = scripted(Some(Arc::new(tls.config))).await;
+        let mut s = h2_guest(dir.path(), up).await;
+        assert_eq!(h2_get(&mut s, "/small").await, StatusCode::OK);
+        assert_eq!(h2_get(&mut s, "/small").await, StatusCode::OK);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "a clean exchange is reused"
+        );
+        assert_eq!(h2_get(&mut s, "/bye").await, StatusCode::OK);
+        assert_eq!(h2_get(&mut s, "/small").await, StatusCode::OK);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "`connection: close` is honoured"
+        );
+
+        // 32 MiB: more than the kernel buffers, so the upload is still going when the answer
+        // has ended.
+        let resp = s
+            .send_request(request("POST", "/early-keep", upload(32 << 20)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(h2_get(&mut s, "/small").await, StatusCode::OK);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "a connection with an upload cut short is not reused"
+        );
+    })
     .await;
 }

@@ -2,8 +2,8 @@
 //! client's SNI, hyper's HTTP/1.1 (or HTTP/2) server towards the guest, a policy decision per
 //! request, and [`super::upstream`]'s HTTP/1.1 client towards the real upstream (or its
 //! `[network.upstream_override]`). Bodies stream both ways without buffering; upgrades
-//! (WebSocket) are spliced once both sides agreed; a guest connection keeps one upstream
-//! connection alive across its requests.
+//! (WebSocket) are spliced once both sides agreed; a guest connection keeps its upstream
+//! connections alive across its requests (`upstream::Pool`).
 //!
 //! The guest-facing server leaves the write strategy to hyper, which asks the stream. A TLS
 //! stream writes vectored, so hyper keeps a body's chunks as they came and hands TLS the head
@@ -160,6 +160,7 @@ async fn serve_http(
     });
     let r = if h2 {
         hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_concurrent_streams(upstream::CONCURRENT as u32)
             .serve_connection(TokioIo::new(io), svc)
             .await
     } else {

@@ -15,10 +15,11 @@
 //!
 //! Framing follows RFC 9112 §6.3: no body after `HEAD`, 1xx, 204 and 304; `Transfer-Encoding`
 //! ending in `chunked`, else read to the close; else `Content-Length`; else read to the close.
-//! A response that carries both `Content-Length` and `Transfer-Encoding`, or differing lengths,
-//! is refused and its connection dropped, since a misread length on a reused connection would
-//! hand one response's bytes to the next request (RFC 9112 §6.3 allows the refusal). Interim
-//! responses (100, 103) are skipped; a 101 hands the connection over as a tunnel.
+//! A response with differing lengths is refused and its connection dropped, since a misread
+//! length on a reused connection would hand one response's bytes to the next request; one with
+//! both `Content-Length` and `Transfer-Encoding` is read by the latter, passed on without the
+//! length, and its connection not reused (RFC 9112 §6.3). Interim responses (100, 103) are
+//! skipped; a 101 hands the connection over as a tunnel.
 
 use std::collections::VecDeque;
 use std::io;
@@ -111,8 +112,9 @@ pub(super) struct Pool {
 
 /// Idle connections kept per guest connection.
 const IDLE: usize = 4;
-/// Exchanges open at once per guest connection (HTTP/2 streams beyond it wait their turn).
-const CONCURRENT: usize = 16;
+/// Exchanges open at once per guest connection; the guest-facing HTTP/2 server allows no more
+/// streams than this, so a guest's client queues the rest itself.
+pub(super) const CONCURRENT: usize = 16;
 
 impl Pool {
     pub(super) fn new() -> Pool {
@@ -135,7 +137,7 @@ impl Pool {
     pub(super) fn take(&self, host: &str) -> Option<Upstream> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(i) = idle.iter().rposition(|(h, _)| h == host) {
-            let (_, mut up) = idle.swap_remove(i);
+            let (_, mut up) = idle.remove(i);
             if up.is_alive() {
                 return Some(up);
             }
@@ -799,8 +801,8 @@ fn chunk_step(
             Chunk::Size
         }
         Chunk::Trailers => {
-            if buf.starts_with(b"\r\n") {
-                buf.advance(2);
+            if buf.starts_with(b"\r\n") || buf.starts_with(b"\n") {
+                buf.advance(if buf[0] == b'\r' { 2 } else { 1 });
                 return Ok(Some(Chunk::Done));
             }
             if !head_may_end(buf, searched) {
