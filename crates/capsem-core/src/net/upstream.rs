@@ -241,22 +241,18 @@ pub(super) async fn exchange(
     let mut searched = 0;
     let (status, headers, version) = loop {
         if head_may_end(&buf, &mut searched) {
-            let Some((status, headers, version, len)) = parse_head(&buf)? else {
-                continue_reading(&buf)?;
-                buf.reserve(8 << 10);
-                if rd.read_buf(&mut buf).await? == 0 {
-                    return Err(UpstreamError::Truncated);
+            if let Some((status, headers, version, len)) = parse_head(&buf)? {
+                buf.advance(len);
+                searched = 0;
+                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
                 }
-                continue;
-            };
-            buf.advance(len);
-            searched = 0;
-            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                continue;
+                break (status, headers, version);
             }
-            break (status, headers, version);
         }
-        continue_reading(&buf)?;
+        if buf.len() > MAX_HEAD {
+            return Err(UpstreamError::Malformed("response head too long"));
+        }
         buf.reserve(8 << 10);
         if rd.read_buf(&mut buf).await? == 0 {
             return Err(UpstreamError::Truncated);
@@ -833,14 +829,6 @@ fn head_may_end(buf: &[u8], searched: &mut usize) -> bool {
     let from = searched.saturating_sub(2).min(buf.len());
     *searched = buf.len();
     buf[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r")
-}
-
-/// A head still incomplete may grow only so far.
-fn continue_reading(buf: &[u8]) -> Result<(), UpstreamError> {
-    if buf.len() > MAX_HEAD {
-        return Err(UpstreamError::Malformed("response head too long"));
-    }
-    Ok(())
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
