@@ -268,8 +268,7 @@ impl Conn {
             .then(|| hyper::upgrade::on(&mut req));
         // A kept connection if one is idle; an HTTP/2 guest's concurrent requests each get
         // their own (see `upstream::Pool`).
-        let turn = self.upstream.turn().await;
-        let reuse = self.upstream.take(&host);
+        let (home, reuse) = self.upstream.checkout(&host).await;
         let up = match reuse {
             Some(s) => s,
             None => {
@@ -316,11 +315,6 @@ impl Conn {
         drop(policy);
         to_http1(&mut req, &host);
         let bytes_up = Arc::new(AtomicU64::new(0));
-        let home = upstream::Home {
-            pool: self.upstream.clone(),
-            host: host.clone(),
-            turn,
-        };
         let reply = match upstream::exchange(up, req, bytes_up.clone(), home).await {
             Ok(r) => r,
             Err(e) => {

@@ -124,17 +124,26 @@ impl Pool {
         }
     }
 
-    /// A turn to open an exchange (waits while [`CONCURRENT`] are open).
-    pub(super) async fn turn(&self) -> OwnedSemaphorePermit {
-        self.open
+    /// A turn for an exchange with `host` (waiting while [`CONCURRENT`] are open), as the
+    /// [`Home`] its connection returns to, and an idle connection to `host` if one can carry
+    /// another request.
+    pub(super) async fn checkout(&self, host: &str) -> (Home, Option<Upstream>) {
+        let turn = self
+            .open
             .clone()
             .acquire_owned()
             .await
-            .expect("the pool's semaphore is never closed")
+            .expect("the pool's semaphore is never closed");
+        let home = Home {
+            pool: self.clone(),
+            host: host.to_string(),
+            _turn: turn,
+        };
+        (home, self.take(host))
     }
 
     /// An idle connection to `host` that can carry another request; stale ones are dropped.
-    pub(super) fn take(&self, host: &str) -> Option<Upstream> {
+    fn take(&self, host: &str) -> Option<Upstream> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(i) = idle.iter().rposition(|(h, _)| h == host) {
             let (_, mut up) = idle.remove(i);
@@ -157,16 +166,15 @@ impl Pool {
 /// Where a connection goes when its exchange ends well, and the exchange's turn in the pool
 /// (given back when the exchange ends either way).
 pub(super) struct Home {
-    pub(super) pool: Pool,
-    pub(super) host: String,
-    pub(super) turn: OwnedSemaphorePermit,
+    pool: Pool,
+    host: String,
+    /// Held until the exchange ends.
+    _turn: OwnedSemaphorePermit,
 }
 
 impl Home {
     fn keep(self, up: Upstream) {
-        let Home { pool, host, turn } = self;
-        pool.keep(host, up);
-        drop(turn);
+        self.pool.keep(self.host, up);
     }
 }
 
@@ -306,12 +314,8 @@ pub(super) async fn exchange(
         keep,
     };
     if ended {
-        let hint = frames
-            .iter()
-            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-            .sum();
         conn.finish(&body, home).await;
-        *response.body_mut() = UpBody::Ready(frames, hint);
+        *response.body_mut() = UpBody::Ready(frames);
     } else {
         let hint = match body.framing {
             Framing::Length(left) => Some(left + frames.iter().map(data_len).sum::<u64>()),
@@ -854,9 +858,9 @@ fn chunk_size(line: &[u8]) -> Result<u64, UpstreamError> {
 }
 
 /// A response body from the upstream: whole (read with its head) or still arriving from
-/// [`pump`]. The second field is its exact length when known.
+/// [`pump`], with the exact length still to come when it is known.
 pub(super) enum UpBody {
-    Ready(VecDeque<Frame<Bytes>>, u64),
+    Ready(VecDeque<Frame<Bytes>>),
     Stream(
         mpsc::Receiver<Result<Frame<Bytes>, UpstreamError>>,
         Option<u64>,
@@ -865,7 +869,7 @@ pub(super) enum UpBody {
 
 impl UpBody {
     fn empty() -> UpBody {
-        UpBody::Ready(VecDeque::new(), 0)
+        UpBody::Ready(VecDeque::new())
     }
 }
 
@@ -878,11 +882,7 @@ impl hyper::body::Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         match self.get_mut() {
-            UpBody::Ready(frames, left) => {
-                let f = frames.pop_front();
-                *left -= f.as_ref().map(data_len).unwrap_or(0);
-                Poll::Ready(f.map(Ok))
-            }
+            UpBody::Ready(frames) => Poll::Ready(frames.pop_front().map(Ok)),
             UpBody::Stream(rx, left) => {
                 let r = rx.poll_recv(cx);
                 if let (Poll::Ready(Some(Ok(f))), Some(n)) = (&r, left.as_mut()) {
@@ -894,12 +894,13 @@ impl hyper::body::Body for UpBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, UpBody::Ready(frames, _) if frames.is_empty())
+        matches!(self, UpBody::Ready(frames) if frames.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpBody::Ready(_, n) | UpBody::Stream(_, Some(n)) => SizeHint::with_exact(*n),
+            UpBody::Ready(frames) => SizeHint::with_exact(frames.iter().map(data_len).sum()),
+            UpBody::Stream(_, Some(n)) => SizeHint::with_exact(*n),
             UpBody::Stream(_, None) => SizeHint::default(),
         }
     }
