@@ -347,7 +347,22 @@ async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
             };
             buf.drain(..end);
         }
+        // `/echo` answers with the head it got; `/h2c` and `/ws-h2c` switch to cleartext
+        // HTTP/2 for a request that offers any upgrade, as a server that speaks it may.
+        let echo = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
+            head.len()
+        );
+        let offers = head.contains("\r\nupgrade:");
         let parts: Vec<&[u8]> = match path.as_str() {
+            "/echo" => vec![echo.as_bytes()],
+            "/h2c" | "/ws-h2c" if offers => vec![
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+            ],
+            "/h2c" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain"],
+            "/hop" => vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive, x-hop\r\nkeep-alive: timeout=5\r\nx-hop: 1\r\nx-end: 1\r\n\r\nok",
+            ],
             "/small" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
             "/chunked" => vec![
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailer\r\n\r\n5\r\nhel",
@@ -475,11 +490,10 @@ async fn framings() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
     // The upstream says it will close (and keeps its socket open, so that only the header
-    // tells); it reaches the guest too, which ends the guest's connection. Then one that closes
-    // without saying so, while idle.
+    // tells). That closes the upstream's hop only: the guest's connection carries on. Then
+    // one that closes without saying so, while idle.
     let (st, _, _) = exchange(&mut s, "GET", "/bye", empty()).await;
     assert_eq!(st, StatusCode::OK);
-    let mut s = guest_to(dir.path(), 80, up).await;
     let (st, _, _) = exchange(&mut s, "GET", "/quiet-close", empty()).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -654,6 +668,172 @@ async fn connections_in_doubt_are_not_reused() {
             accepted.load(Ordering::SeqCst),
             3,
             "a connection with an upload cut short is not reused"
+        );
+    })
+    .await;
+}
+
+/// A request as the guest's HTTP/1.1 client sends it, with `fields` added; the response with
+/// its body read.
+async fn send_with(
+    s: &mut hyper::client::conn::http1::SendRequest<Body>,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> Response<Bytes> {
+    s.ready().await.expect("the guest connection is open");
+    let mut req = request("GET", path, Full::default().boxed());
+    for (name, value) in fields {
+        req.headers_mut().append(
+            header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            header::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    let (parts, body) = s.send_request(req).await.unwrap().into_parts();
+    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// The fields of one hop stay on it (RFC 9110 §7.6.1), both ways: what `Connection` names,
+/// `Keep-Alive`, `TE`, the guest's proxy credentials. Cookies an HTTP/2 client splits leave
+/// as one field.
+#[tokio::test]
+async fn hop_by_hop_fields_stay_on_their_hop() {
+    in_time("the exchanges finished", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, _, _) = scripted(None).await;
+        let mut s = guest_to(dir.path(), 80, up).await;
+        let resp = send_with(
+            &mut s,
+            "/echo",
+            &[
+                ("connection", "x-secret, keep-alive"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("proxy-authorization", "Basic Z3Vlc3Q6c2VjcmV0"),
+                ("te", "trailers"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+                ("x-kept", "yes"),
+            ],
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let seen = String::from_utf8_lossy(resp.body()).to_string();
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "proxy-",
+            "\r\nte:",
+            "connection",
+            "basic",
+        ] {
+            assert!(
+                !seen.contains(gone),
+                "{gone:?} reached the upstream:\n{seen}"
+            );
+        }
+        assert_eq!(seen.matches("cookie:").count(), 1, "{seen}");
+        assert!(seen.contains("\r\ncookie: a=1; b=2\r\n"), "{seen}");
+        assert!(seen.contains("\r\nx-kept: yes\r\n"), "{seen}");
+        assert!(seen.contains("\r\nhost: up.example\r\n"), "{seen}");
+
+        // The upstream's own hop fields do not reach the guest; the rest does.
+        let resp = send_with(&mut s, "/hop", &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        for gone in ["connection", "keep-alive", "x-hop"] {
+            assert!(
+                !resp.headers().contains_key(gone),
+                "{gone} reached the guest"
+            );
+        }
+        assert_eq!(resp.headers()["x-end"], "1");
+    })
+    .await;
+}
+
+/// Only WebSocket may take a connection out of the policy's sight. An offer to switch to
+/// cleartext HTTP/2 (whose streams would be requests the policy never saw) goes as a plain
+/// request; a 101 to anything but the WebSocket the guest asked for is refused.
+#[tokio::test]
+async fn only_websocket_upgrades_pass() {
+    in_time("the exchanges finished", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, _, _) = scripted(None).await;
+        let mut s = guest_to(dir.path(), 80, up).await;
+        let h2c = [
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ];
+        let resp = send_with(&mut s, "/h2c", &h2c).await;
+        assert_eq!(resp.status(), StatusCode::OK, "no switch");
+        assert_eq!(&resp.body()[..], b"plain");
+        // Offering WebSocket and h2c together lets the server pick h2c: also a plain request.
+        let resp = send_with(
+            &mut s,
+            "/h2c",
+            &[("connection", "upgrade"), ("upgrade", "websocket, h2c")],
+        )
+        .await;
+        assert_eq!(
+            (resp.status(), &resp.body()[..]),
+            (StatusCode::OK, &b"plain"[..])
+        );
+        let resp = send_with(
+            &mut s,
+            "/ws-h2c",
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert!(
+            String::from_utf8_lossy(resp.body()).contains("other than WebSocket"),
+            "{:?}",
+            resp.body()
+        );
+    })
+    .await;
+}
+
+/// A request names its host once, as `host[:port]`: a second `Host`, or one with user
+/// information, could make the name the policy and the TLS server name were checked against
+/// differ from the one an upstream's front end serves.
+#[tokio::test]
+async fn a_request_names_its_host_once() {
+    in_time("the exchanges finished", async {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = stand_in_tls(&[NAME], &dir.path().join("upstream-ca.pem")).unwrap();
+        let (up, accepted, _) = scripted(Some(Arc::new(tls.config))).await;
+        let io = guest_stream(dir.path(), 443, up, b"http/1.1").await;
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = send_with(&mut s, "/small", &[("host", "other.example")]).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(resp.body()).contains("more than one Host header"));
+        let mut req = request("GET", "/small", Full::default().boxed());
+        req.headers_mut().insert(
+            header::HOST,
+            header::HeaderValue::from_static("up.example:443@other.example"),
+        );
+        s.ready().await.unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("not host[:port]"),
+            "{body:?}"
+        );
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "nothing reached the upstream"
+        );
+        let resp = send_with(&mut s, "/small", &[]).await;
+        assert_eq!(
+            (resp.status(), &resp.body()[..]),
+            (StatusCode::OK, &b"ok"[..])
         );
     })
     .await;

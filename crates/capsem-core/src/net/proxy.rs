@@ -188,6 +188,36 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
+/// Whether the request names its host once, as `host[:port]`: at most one `Host` field, and
+/// neither it nor the target's authority (HTTP/2's `:authority`) carrying user information or
+/// a port that is not one.
+fn one_authority<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let field = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let plain = |a: &hyper::http::uri::Authority| {
+        !a.as_str().contains('@')
+            && !a.host().is_empty()
+            && (a.port().is_none() || a.port_u16().is_some())
+    };
+    if let Some(v) = field {
+        let ok = v
+            .to_str()
+            .ok()
+            .and_then(|t| t.parse::<hyper::http::uri::Authority>().ok())
+            .is_some_and(|a| plain(&a));
+        if !ok {
+            return Err("the Host header is not host[:port]");
+        }
+    }
+    if req.uri().authority().is_some_and(|a| !plain(a)) {
+        return Err("the request's authority is not host[:port]");
+    }
+    Ok(())
+}
+
 /// `host[:port]` → `host`, lower-cased.
 fn host_only(authority: &str) -> String {
     let h = if let Some(rest) = authority.strip_prefix('[') {
@@ -212,6 +242,12 @@ impl Conn {
             .unwrap_or_else(|| "/".into());
         if method == Method::CONNECT {
             return self.connect(req).await;
+        }
+        // One Host, naming a host (and port) only: with two, or with user information
+        // (`allowed.example:80@other.example`), the name judged here and the one an upstream's
+        // front end serves could differ.
+        if let Err(why) = one_authority(&req) {
+            return text(StatusCode::BAD_REQUEST, format!("capsem: {why}\n"));
         }
         let host = req
             .headers()
@@ -262,10 +298,14 @@ impl Conn {
             req.headers_mut().remove(header::ACCEPT_ENCODING);
         }
 
-        let guest_upgrade = req
-            .headers()
-            .contains_key(header::UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
+        // The guest's hop ends here. Of the protocols a connection may switch to, only
+        // WebSocket is let through (see `upstream::asks_websocket`); any other offer is
+        // dropped and the request goes as a plain one.
+        let websocket = upstream::asks_websocket(req.headers());
+        upstream::strip_hop_by_hop(req.headers_mut(), websocket);
+        // Credentials for a proxy are the guest's business with its proxy, not the upstream's.
+        req.headers_mut().remove(header::PROXY_AUTHORIZATION);
+        let guest_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         // A kept connection if one is idle; an HTTP/2 guest's concurrent requests each get
         // their own (see `upstream::Pool`).
         let (home, reuse) = self.upstream.checkout(&host).await;

@@ -19,7 +19,9 @@
 //! length on a reused connection would hand one response's bytes to the next request; one with
 //! both `Content-Length` and `Transfer-Encoding` is read by the latter, passed on without the
 //! length, and its connection not reused (RFC 9112 §6.3). Interim responses (100, 103) are
-//! skipped; a 101 hands the connection over as a tunnel.
+//! skipped; a 101 hands the connection over as a tunnel, and only for a WebSocket handshake.
+//! The fields of one hop (RFC 9110 §7.6.1) are not passed on in either direction
+//! ([`strip_hop_by_hop`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -274,6 +276,12 @@ pub(super) async fn exchange(
         if !asks_upgrade {
             return Err(UpstreamError::Malformed("101 to a request without Upgrade"));
         }
+        if !asks_websocket(response.headers()) {
+            return Err(UpstreamError::Malformed(
+                "101 to a protocol other than WebSocket",
+            ));
+        }
+        strip_hop_by_hop(response.headers_mut(), true);
         let wr = writer.finish(true).await.ok_or(UpstreamError::Truncated)?;
         return Ok(Reply {
             response,
@@ -283,6 +291,9 @@ pub(super) async fn exchange(
 
     keep &= version == 1 && !has_token(&headers, &header::CONNECTION, "close");
     let mut headers = headers;
+    // The upstream's hop ends here: its `Connection: close` closes this connection, not the
+    // guest's.
+    strip_hop_by_hop(&mut headers, false);
     let framing = response_framing(head_only, status, &headers)?;
     if headers.contains_key(header::TRANSFER_ENCODING)
         && headers.remove(header::CONTENT_LENGTH).is_some()
@@ -503,6 +514,10 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &Incoming) -> Sen
     }
 }
 
+/// The request line and fields as they go upstream. The proxy has already removed the
+/// fields of the guest's hop ([`strip_hop_by_hop`]); here the framing fields are written
+/// afresh, and a cookie sent as several fields (as HTTP/2 clients do) leaves as one, the only
+/// form HTTP/1.1 allows (RFC 9113 §8.2.3).
 fn write_head(out: &mut Vec<u8>, parts: &hyper::http::request::Parts, framing: Sent) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -514,21 +529,109 @@ fn write_head(out: &mut Vec<u8>, parts: &hyper::http::request::Parts, framing: S
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let chunked = matches!(framing, Sent::Chunked | Sent::AddChunked);
+    let put = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
     for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING || name == header::COOKIE {
+            continue; // written below
+        }
         if chunked && name == header::CONTENT_LENGTH {
             continue; // the chunks carry the length (hyper's server already drops it)
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let cookies: Vec<&[u8]> = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if !cookies.is_empty() {
+        put(out, b"cookie", &cookies.join(&b"; "[..]));
     }
     match framing {
-        Sent::AddChunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Sent::AddZeroLength => out.extend_from_slice(b"content-length: 0\r\n"),
-        _ => {}
+        // The guest's codings stay, in order; hyper's server has undone the chunking (however
+        // often it was named), which is done again here, once and last.
+        Sent::Chunked | Sent::AddChunked => {
+            let mut codings: Vec<&[u8]> = parts
+                .headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"))
+                .collect();
+            codings.push(b"chunked");
+            put(out, b"transfer-encoding", &codings.join(&b", "[..]));
+        }
+        Sent::AddZeroLength => put(out, b"content-length", b"0"),
+        Sent::None | Sent::Raw => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Fields that concern one connection, not the message (RFC 9110 §7.6.1), besides those a
+/// `Connection` field names: a proxy does not pass them on. `HTTP2-Settings` belongs to an
+/// upgrade to cleartext HTTP/2 (RFC 7540 §3.2.1). `Transfer-Encoding` is one too, but it frames
+/// the message: each direction's framing code deals with it.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Remove the fields of one hop: [`HOP_BY_HOP`], those `Connection` names (never the framing
+/// fields or `Host`, whatever it says) and `Upgrade`, except for a WebSocket handshake
+/// (`websocket`), which keeps its `Upgrade` and gets `Connection: upgrade`.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        let framing = [
+            header::TRANSFER_ENCODING,
+            header::CONTENT_LENGTH,
+            header::HOST,
+        ];
+        if !(framing.contains(name) || websocket && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    if websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether `headers` offer (or, in a 101, accept) a switch to WebSocket and nothing else. It is
+/// the one protocol the proxy lets a connection switch to: after a switch it relays bytes it
+/// can no longer judge request by request, and a WebSocket's messages are not requests, where
+/// cleartext HTTP/2's (`h2c`) would be, out of the policy's sight.
+pub(super) fn asks_websocket(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::UPGRADE) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for p in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !p.eq_ignore_ascii_case("websocket") {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 fn put_data(out: &mut Vec<u8>, d: &[u8], framing: Sent) {
@@ -659,13 +762,15 @@ fn response_framing(
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         // Any Content-Length beside it is ignored (and removed before the guest sees it).
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty());
+        let mut last = None;
+        for value in headers.get_all(header::TRANSFER_ENCODING) {
+            let text = value
+                .to_str()
+                .map_err(|_| UpstreamError::Malformed("bad Transfer-Encoding"))?;
+            if let Some(t) = text.split(',').map(str::trim).rfind(|t| !t.is_empty()) {
+                last = Some(t);
+            }
+        }
         return Ok(match last {
             Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
             _ => Framing::Close,
@@ -1092,6 +1197,106 @@ mod tests {
         // Bare line feeds end a head too.
         let mut searched = 0;
         assert!(head_may_end(b"HTTP/1.1 200 OK\nA: b\n\n", &mut searched));
+    }
+
+    fn head_of(pairs: &[(&str, &str)], framing: Sent) -> String {
+        let mut req = Request::post("/up").body(()).unwrap();
+        *req.headers_mut() = headers(pairs);
+        let mut out = Vec::new();
+        write_head(&mut out, &req.into_parts().0, framing);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_request_head_is_framed_once() {
+        // chunked named twice (hyper's server decodes once): one chunked goes up, last, after
+        // the guest's other codings; a length beside it goes.
+        let head = head_of(
+            &[
+                ("transfer-encoding", "gzip, chunked"),
+                ("transfer-encoding", "chunked"),
+                ("content-length", "5"),
+                ("host", "up.example"),
+            ],
+            Sent::Chunked,
+        );
+        assert_eq!(
+            head,
+            "POST /up HTTP/1.1\r\nhost: up.example\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+        );
+        let head = head_of(&[("cookie", "a=1"), ("cookie", "b=2")], Sent::AddChunked);
+        assert_eq!(
+            head,
+            "POST /up HTTP/1.1\r\ncookie: a=1; b=2\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let head = head_of(&[("content-length", "5")], Sent::Raw);
+        assert_eq!(head, "POST /up HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
+    }
+
+    #[test]
+    fn hop_fields_go_but_framing_stays() {
+        let mut h = headers(&[
+            (
+                "connection",
+                "close, content-length, host, transfer-encoding, x-a",
+            ),
+            ("x-a", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMA"),
+            ("content-length", "3"),
+            ("host", "up.example"),
+            ("x-b", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "host", "x-b"]);
+
+        let mut ws = headers(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "WebSocket"),
+            ("keep-alive", "1"),
+        ]);
+        strip_hop_by_hop(&mut ws, true);
+        assert_eq!(ws["connection"], "upgrade");
+        assert_eq!(ws["upgrade"], "WebSocket");
+        assert!(!ws.contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn only_websocket_alone_is_an_upgrade() {
+        let asks = |v: &[&str]| {
+            let pairs: Vec<(&str, &str)> = v.iter().map(|v| ("upgrade", *v)).collect();
+            asks_websocket(&headers(&pairs))
+        };
+        assert!(asks(&["websocket"]));
+        assert!(asks(&["WebSocket"]));
+        assert!(asks(&["websocket", " websocket "]));
+        assert!(!asks(&[]));
+        assert!(!asks(&["h2c"]));
+        assert!(!asks(&["websocket, h2c"]));
+        assert!(!asks(&["websocket", "TLS/1.2"]));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::UPGRADE,
+            HeaderValue::from_bytes(b"websocket\xff").unwrap(),
+        );
+        assert!(!asks_websocket(&h));
+    }
+
+    #[test]
+    fn an_unreadable_transfer_coding_is_refused() {
+        let mut h = headers(&[("transfer-encoding", "chunked")]);
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_bytes(b"\x80gzip").unwrap(),
+        );
+        assert!(matches!(
+            response_framing(false, StatusCode::OK, &h),
+            Err(UpstreamError::Malformed(_))
+        ));
     }
 
     #[test]
