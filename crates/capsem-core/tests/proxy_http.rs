@@ -415,6 +415,26 @@ async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
     }
 }
 
+/// A [`scripted`] upstream over TLS, its CA written where the policy names it: its port and
+/// count of accepted connections.
+async fn scripted_tls(dir: &std::path::Path) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let tls = stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
+    let (up, accepted, _) = scripted(Some(Arc::new(tls.config))).await;
+    (up, accepted)
+}
+
+/// A guest's plain-HTTP connection through a fresh proxy to a fresh [`scripted`] upstream; the
+/// directory holds the proxy's files, kept as long as the connection is used.
+async fn scripted_guest() -> (
+    tempfile::TempDir,
+    hyper::client::conn::http1::SendRequest<Body>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, _, _) = scripted(None).await;
+    let s = guest_to(dir.path(), 80, up).await;
+    (dir, s)
+}
+
 /// Send `method path` with `body`; the status, the body's bytes and its trailers.
 async fn exchange(
     s: &mut hyper::client::conn::http1::SendRequest<Body>,
@@ -534,9 +554,7 @@ async fn framings() {
 #[tokio::test]
 async fn an_early_answer_to_a_long_upload_reaches_the_guest() {
     in_time("the early answer arrived in time", async {
-        let dir = tempfile::tempdir().unwrap();
-        let (up, _, _) = scripted(None).await;
-        let mut s = guest_to(dir.path(), 80, up).await;
+        let (_dir, mut s) = scripted_guest().await;
         let resp = s
             .send_request(request("POST", "/early", upload(8 << 20)))
             .await
@@ -638,8 +656,7 @@ async fn connections_in_doubt_are_not_reused() {
     in_time("the exchanges finished", async {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
-        let tls = stand_in_tls(&[NAME], &dir.path().join("upstream-ca.pem")).unwrap();
-        let (up, accepted, _) = scripted(Some(Arc::new(tls.config))).await;
+        let (up, accepted) = scripted_tls(dir.path()).await;
         let mut s = h2_guest(dir.path(), up).await;
         assert_eq!(h2_get(&mut s, "/small").await, StatusCode::OK);
         assert_eq!(h2_get(&mut s, "/small").await, StatusCode::OK);
@@ -698,9 +715,7 @@ async fn send_with(
 #[tokio::test]
 async fn hop_by_hop_fields_stay_on_their_hop() {
     in_time("the exchanges finished", async {
-        let dir = tempfile::tempdir().unwrap();
-        let (up, _, _) = scripted(None).await;
-        let mut s = guest_to(dir.path(), 80, up).await;
+        let (_dir, mut s) = scripted_guest().await;
         let resp = send_with(
             &mut s,
             "/echo",
@@ -757,9 +772,7 @@ async fn hop_by_hop_fields_stay_on_their_hop() {
 #[tokio::test]
 async fn only_websocket_upgrades_pass() {
     in_time("the exchanges finished", async {
-        let dir = tempfile::tempdir().unwrap();
-        let (up, _, _) = scripted(None).await;
-        let mut s = guest_to(dir.path(), 80, up).await;
+        let (_dir, mut s) = scripted_guest().await;
         let h2c = [
             ("connection", "Upgrade, HTTP2-Settings"),
             ("upgrade", "h2c"),
@@ -802,8 +815,7 @@ async fn only_websocket_upgrades_pass() {
 async fn a_request_names_its_host_once() {
     in_time("the exchanges finished", async {
         let dir = tempfile::tempdir().unwrap();
-        let tls = stand_in_tls(&[NAME], &dir.path().join("upstream-ca.pem")).unwrap();
-        let (up, accepted, _) = scripted(Some(Arc::new(tls.config))).await;
+        let (up, accepted) = scripted_tls(dir.path()).await;
         let io = guest_stream(dir.path(), 443, up, b"http/1.1").await;
         let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
