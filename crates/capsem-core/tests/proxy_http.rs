@@ -302,6 +302,9 @@ async fn scripted(
 
 async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
     let mut buf = Vec::new();
+    // After `/linger`, the next request is read and the connection closed unanswered, as an
+    // upstream's idle timeout may close a connection just as a request comes in on it.
+    let mut linger = false;
     loop {
         // One request head (bodies are read only where a script needs them).
         let end = loop {
@@ -316,6 +319,9 @@ async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         buf.drain(..end);
+        if linger {
+            return;
+        }
         // The body, by its length or to its last chunk (the tests' bodies never hold one).
         let body_end = |buf: &[u8]| {
             if head.contains("transfer-encoding: chunked") {
@@ -363,7 +369,7 @@ async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
             "/hop" => vec![
                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive, x-hop\r\nkeep-alive: timeout=5\r\nx-hop: 1\r\nx-end: 1\r\n\r\nok",
             ],
-            "/small" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+            "/small" | "/linger" => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
             "/chunked" => vec![
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailer\r\n\r\n5\r\nhel",
                 b"lo\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
@@ -399,6 +405,7 @@ async fn script<S: Io>(mut tcp: S, hung_up: Arc<tokio::sync::Notify>) {
                 return;
             }
         }
+        linger = path == "/linger";
         if path == "/hang" {
             // The rest never comes: wait for the proxy to close the connection.
             let mut more = [0u8; 64];
@@ -846,6 +853,45 @@ async fn a_request_names_its_host_once() {
         assert_eq!(
             (resp.status(), &resp.body()[..]),
             (StatusCode::OK, &b"ok"[..])
+        );
+    })
+    .await;
+}
+
+/// An upstream may close a kept connection just as the next request goes out on it. A request
+/// that is safe to send twice (idempotent, and whole in hand) then goes again, once, on a new
+/// connection; any other gets a 502, since the upstream may have acted on it before it closed.
+#[tokio::test]
+async fn a_request_caught_by_an_upstream_closing_goes_again_when_safe() {
+    in_time("the exchanges finished", async {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (up, accepted, _) = scripted(None).await;
+        let mut s = guest_to(dir.path(), 80, up).await;
+        let empty = || Full::default().boxed();
+        let (st, _, _) = exchange(&mut s, "GET", "/linger", empty()).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, body, _) = exchange(&mut s, "GET", "/small", empty()).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the GET went again, on a new connection"
+        );
+        let (st, _, _) = exchange(&mut s, "GET", "/linger", empty()).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, body, _) = exchange(
+            &mut s,
+            "POST",
+            "/small",
+            Full::new(Bytes::from("x")).boxed(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_GATEWAY, "{body:?}");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the POST was not sent twice"
         );
     })
     .await;

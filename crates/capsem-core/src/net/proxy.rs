@@ -31,7 +31,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::upstream::{self, UpBody, Upstream, UpstreamError};
+use super::upstream::{self, Failure, UpBody, Upstream, UpstreamError};
 use super::{Ca, Network};
 use crate::policy::Action;
 use crate::telemetry::models::{self, Api};
@@ -309,60 +309,50 @@ impl Conn {
         // A kept connection if one is idle; an HTTP/2 guest's concurrent requests each get
         // their own (see `upstream::Pool`).
         let (home, reuse) = self.upstream.checkout(&host).await;
-        let up = match reuse {
-            Some(s) => s,
-            None => {
-                // Only a new upstream connection needs the TLS configuration (a cached one,
-                // checked against the extra bundle's mtime).
-                let tls = match self.sni.is_some().then(|| self.net.upstream_tls(&policy)) {
-                    Some(Err(e)) => {
-                        // The reason names host paths: it goes to the host's log, not the guest.
-                        tracing::warn!(error = %e, "upstream TLS settings unusable");
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            "capsem: the host's TLS settings for upstreams are unusable (see the session's process log)\n".into(),
-                        );
-                    }
-                    Some(Ok(c)) => Some(c),
-                    None => None,
-                };
-                // A name the user mapped is reached where they said; any other only at a
-                // public address.
-                let overridden = policy.upstream_for(&host);
-                let inward_ok = overridden.is_some();
-                let target = overridden.map(str::to_string).unwrap_or_else(|| {
-                    format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 })
-                });
-                match connect_upstream(&host, &target, inward_ok, tls).await {
-                    Ok(s) => s,
-                    Err(Refused::Inward(e)) => {
-                        let rule = format!("{host} {e}");
-                        self.log(&host, &method, &path, Action::Deny, &rule, 403);
-                        return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
-                    }
-                    Err(Refused::Other(e)) => {
-                        self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
-                        // Where an override points is the host's business, not the guest's.
-                        tracing::warn!(%host, %target, error = %e, "upstream unreachable");
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            format!("capsem: cannot reach {host}: {e}\n"),
-                        );
-                    }
-                }
-            }
+        let (up, reused) = match reuse {
+            Some(s) => (s, true),
+            None => match self
+                .open_upstream(&host, &policy, &method, &path, &d.rule)
+                .await
+            {
+                Ok(s) => (s, false),
+                Err(refusal) => return refusal,
+            },
         };
         drop(policy);
         to_http1(&mut req, &host);
         let bytes_up = Arc::new(AtomicU64::new(0));
-        let reply = match upstream::exchange(up, req, bytes_up.clone(), home).await {
+        let failed = |e: UpstreamError| {
+            self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
+            text(
+                StatusCode::BAD_GATEWAY,
+                format!("capsem: upstream {host} failed: {e}\n"),
+            )
+        };
+        let req = match upstream::prepare(req, bytes_up.clone()).await {
             Ok(r) => r,
-            Err(e) => {
-                self.log(&host, &method, &path, Action::Allow, &d.rule, 502);
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("capsem: upstream {host} failed: {e}\n"),
-                );
+            Err(e) => return failed(e),
+        };
+        let reply = match upstream::exchange(up, req, home, reused).await {
+            Ok(r) => r,
+            Err(Failure::Failed(e)) => return failed(e),
+            // The kept connection was closed under the request: once more on a new one.
+            Err(Failure::Again(req, home)) => {
+                let policy = self.net.policy.current();
+                let up = match self
+                    .open_upstream(&host, &policy, &method, &path, &d.rule)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(refusal) => return refusal,
+                };
+                drop(policy);
+                match upstream::exchange(up, *req, home, false).await {
+                    Ok(r) => r,
+                    Err(Failure::Failed(e)) => return failed(e),
+                    // (Not asked of a new connection.)
+                    Err(Failure::Again(..)) => return failed(UpstreamError::Truncated),
+                }
             }
         };
         let resp = reply.response;
@@ -483,6 +473,60 @@ impl Conn {
                 .map_err(|never| match never {})
                 .boxed(),
         )
+    }
+
+    /// A new connection to `host` (TLS when the guest's was), where the policy says: its
+    /// `upstream_override`, else the name's public addresses. A refusal is the response that
+    /// says why, recorded.
+    async fn open_upstream(
+        &self,
+        host: &str,
+        policy: &crate::policy::Policy,
+        method: &Method,
+        path: &str,
+        rule: &str,
+    ) -> Result<Upstream, Response<Body>> {
+        // Only a new upstream connection needs the TLS configuration (a cached one, checked
+        // against the extra bundle's mtime).
+        let tls = match self.sni.is_some().then(|| self.net.upstream_tls(policy)) {
+            Some(Err(e)) => {
+                // The reason names host paths: it goes to the host's log, not the guest.
+                tracing::warn!(error = %e, "upstream TLS settings unusable");
+                return Err(text(
+                    StatusCode::BAD_GATEWAY,
+                    "capsem: the host's TLS settings for upstreams are unusable (see the session's process log)\n".into(),
+                ));
+            }
+            Some(Ok(c)) => Some(c),
+            None => None,
+        };
+        // A name the user mapped is reached where they said; any other only at a public
+        // address.
+        let overridden = policy.upstream_for(host);
+        let inward_ok = overridden.is_some();
+        let target = overridden
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{host}:{}", if self.sni.is_some() { 443 } else { 80 }));
+        match connect_upstream(host, &target, inward_ok, tls).await {
+            Ok(s) => Ok(s),
+            Err(Refused::Inward(e)) => {
+                let rule = format!("{host} {e}");
+                self.log(host, method, path, Action::Deny, &rule, 403);
+                Err(text(
+                    StatusCode::FORBIDDEN,
+                    format!("capsem: denied: {rule}\n"),
+                ))
+            }
+            Err(Refused::Other(e)) => {
+                self.log(host, method, path, Action::Allow, rule, 502);
+                // Where an override points is the host's business, not the guest's.
+                tracing::warn!(%host, %target, error = %e, "upstream unreachable");
+                Err(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("capsem: cannot reach {host}: {e}\n"),
+                ))
+            }
+        }
     }
 
     fn log(

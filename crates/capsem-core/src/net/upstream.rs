@@ -187,23 +187,31 @@ pub(super) struct Reply {
     pub(super) tunnel: Option<(BoxIo, Bytes)>,
 }
 
-/// Send `req` (origin-form target, `Host` set) on `up` and read its response head. The
-/// connection goes back to `home` when the exchange ends well; `bytes_up` counts the request
-/// body's bytes.
-pub(super) async fn exchange(
-    up: Upstream,
+/// A request made ready for the upstream: its head, with the body when that is short (or
+/// absent) and so in hand, else the body still to stream.
+pub(super) struct Prepared {
+    out: Vec<u8>,
+    /// A body too long to hold, and how it is framed upstream.
+    stream: Option<(Incoming, Sent)>,
+    head_only: bool,
+    asks_upgrade: bool,
+    keep: bool,
+    /// Whether the request may go again on another connection if the first turns out closed
+    /// before any of its response came: whole in hand, and idempotent (RFC 9110 §9.2.2), since
+    /// the upstream may have acted on it before it closed.
+    replayable: bool,
+    bytes_up: Arc<AtomicU64>,
+}
+
+/// Make `req` (origin-form target, `Host` set) ready to send: its head, and a short body read
+/// now to go with it. `bytes_up` counts the body's bytes.
+pub(super) async fn prepare(
     req: Request<Incoming>,
     bytes_up: Arc<AtomicU64>,
-    home: Home,
-) -> Result<Reply, UpstreamError> {
-    let Upstream {
-        mut rd,
-        mut wr,
-        mut buf,
-    } = up;
+) -> Result<Prepared, UpstreamError> {
     let head_only = req.method() == Method::HEAD;
     let asks_upgrade = req.headers().contains_key(header::UPGRADE);
-    let mut keep = !has_token(req.headers(), &header::CONNECTION, "close");
+    let keep = !has_token(req.headers(), &header::CONNECTION, "close");
     let (parts, mut body) = req.into_parts();
     let framing = request_framing(&parts.method, &parts.headers, &body);
     let mut out = Vec::with_capacity(512);
@@ -213,7 +221,7 @@ pub(super) async fn exchange(
         Some(n) => n <= INLINE,
         None => false,
     };
-    let writer = if small {
+    let stream = if small {
         // The body is short (or absent): read it now and send it with the head.
         if !matches!(framing, Sent::None | Sent::AddZeroLength) {
             while let Some(f) = body.frame().await {
@@ -226,22 +234,95 @@ pub(super) async fn exchange(
                 out.extend_from_slice(b"0\r\n\r\n");
             }
         }
-        wr.write_all(&out).await?;
-        wr.flush().await?;
-        Writer {
-            idle: Some(wr),
-            busy: None,
-        }
+        None
     } else {
-        let task = tokio::spawn(async move {
-            let ok = send_body(&mut wr, out, body, framing, &bytes_up)
-                .await
-                .is_ok();
-            (wr, ok)
-        });
-        Writer {
-            idle: None,
-            busy: Some(task),
+        Some((body, framing))
+    };
+    Ok(Prepared {
+        replayable: stream.is_none() && parts.method.is_idempotent(),
+        out,
+        stream,
+        head_only,
+        asks_upgrade,
+        keep,
+        bytes_up,
+    })
+}
+
+/// Why an exchange gave no response.
+pub(super) enum Failure {
+    /// The connection, kept from an earlier exchange (`reused`), was closed by the upstream
+    /// as the request went out: no byte of a response came. An upstream may close an idle
+    /// connection at any moment, so this is a race, not a fault; a replayable request may go
+    /// again, once, on a new connection, with the exchange's turn.
+    Again(Box<Prepared>, Home),
+    Failed(UpstreamError),
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(e: UpstreamError) -> Failure {
+        Failure::Failed(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Failed(e.into())
+    }
+}
+
+async fn write_all_flush(wr: &mut WriteHalf<BoxIo>, out: &[u8]) -> io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+/// Send `req` on `up` and read its response head. The connection goes back to `home` when the
+/// exchange ends well. `reused`: `up` carried an earlier exchange (see [`Failure::Again`]).
+pub(super) async fn exchange(
+    up: Upstream,
+    req: Prepared,
+    home: Home,
+    reused: bool,
+) -> Result<Reply, Failure> {
+    let Upstream {
+        mut rd,
+        mut wr,
+        mut buf,
+    } = up;
+    let again = reused && req.replayable && buf.is_empty();
+    let (head_only, asks_upgrade, mut keep) = (req.head_only, req.asks_upgrade, req.keep);
+    let mut req = req;
+    let mut unsent = None;
+    let (writer, req) = match req.stream.take() {
+        None => {
+            if let Err(e) = write_all_flush(&mut wr, &req.out).await {
+                if again {
+                    return Err(Failure::Again(Box::new(req), home));
+                }
+                // An upstream may answer early (413, say) and close before reading all of
+                // the request: its answer is still read below, and is what the guest gets.
+                unsent = Some(e);
+                keep = false;
+            }
+            let writer = Writer {
+                idle: Some(wr),
+                busy: None,
+            };
+            (writer, Some(req))
+        }
+        Some((body, framing)) => {
+            let (out, bytes_up) = (req.out, req.bytes_up);
+            let task = tokio::spawn(async move {
+                let ok = send_body(&mut wr, out, body, framing, &bytes_up)
+                    .await
+                    .is_ok();
+                (wr, ok)
+            });
+            let writer = Writer {
+                idle: None,
+                busy: Some(task),
+            };
+            (writer, None)
         }
     };
 
@@ -249,6 +330,7 @@ pub(super) async fn exchange(
     // in, and each read is searched once, so a head that trickles in costs no more than one
     // that arrives whole.
     let mut searched = 0;
+    let mut heard = false;
     let (status, headers, version) = loop {
         if head_may_end(&buf, &mut searched) {
             if let Some((status, headers, version, len)) = parse_head(&buf)? {
@@ -261,11 +343,25 @@ pub(super) async fn exchange(
             }
         }
         if buf.len() > MAX_HEAD {
-            return Err(UpstreamError::Malformed("response head too long"));
+            return Err(UpstreamError::Malformed("response head too long").into());
         }
         buf.reserve(8 << 10);
-        if rd.read_buf(&mut buf).await? == 0 {
-            return Err(UpstreamError::Truncated);
+        match rd.read_buf(&mut buf).await {
+            Ok(n) if n > 0 => heard = true,
+            // Nothing at all came back on a kept connection: it was closed under the request.
+            _ if again && !heard => {
+                if let Some(req) = req {
+                    return Err(Failure::Again(Box::new(req), home));
+                }
+                return Err(UpstreamError::Truncated.into());
+            }
+            // No answer at all: the failed write, if there was one, says why.
+            Ok(_) => {
+                return Err(unsent
+                    .map_or(UpstreamError::Truncated, UpstreamError::Io)
+                    .into())
+            }
+            Err(e) => return Err(unsent.unwrap_or(e).into()),
         }
     };
     let mut response = Response::new(UpBody::empty());
@@ -274,15 +370,15 @@ pub(super) async fn exchange(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         *response.headers_mut() = headers;
         if !asks_upgrade {
-            return Err(UpstreamError::Malformed("101 to a request without Upgrade"));
+            return Err(UpstreamError::Malformed("101 to a request without Upgrade").into());
         }
         if !asks_websocket(response.headers()) {
-            return Err(UpstreamError::Malformed(
-                "101 to a protocol other than WebSocket",
-            ));
+            return Err(UpstreamError::Malformed("101 to a protocol other than WebSocket").into());
         }
         strip_hop_by_hop(response.headers_mut(), true);
-        let wr = writer.finish(true).await.ok_or(UpstreamError::Truncated)?;
+        let Some(wr) = writer.finish(true).await else {
+            return Err(UpstreamError::Truncated.into());
+        };
         return Ok(Reply {
             response,
             tunnel: Some((rd.unsplit(wr), buf.freeze())),
@@ -312,7 +408,7 @@ pub(super) async fn exchange(
             while !ended {
                 buf.reserve(left as usize);
                 if rd.read_buf(&mut buf).await? == 0 {
-                    return Err(UpstreamError::Truncated);
+                    return Err(UpstreamError::Truncated.into());
                 }
                 ended = body.drain(&mut buf, &mut frames)?;
             }
