@@ -188,32 +188,42 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-/// Whether the request names its host once, as `host[:port]`: at most one `Host` field, and
-/// neither it nor the target's authority (HTTP/2's `:authority`) carrying user information or
-/// a port that is not one.
+/// Whether the request names its host once, as `host[:port]`: at most one `Host` field,
+/// neither it nor the target's authority (HTTP/2's `:authority`, HTTP/1.1's absolute form)
+/// carrying user information or a port that is not a number below 65536, and the two, when
+/// both are there, naming the same host.
 fn one_authority<B>(req: &Request<B>) -> Result<(), &'static str> {
+    use hyper::http::uri::Authority;
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let field = hosts.next();
     if hosts.next().is_some() {
         return Err("more than one Host header");
     }
-    let plain = |a: &hyper::http::uri::Authority| {
+    // http's `Authority` takes user information and any text after the last colon (its
+    // `port()` is then merely `None`): both are checked here.
+    let plain = |a: &Authority| {
+        let rest = &a.as_str()[a.host().len()..];
         !a.as_str().contains('@')
             && !a.host().is_empty()
-            && (a.port().is_none() || a.port_u16().is_some())
+            && (rest.is_empty()
+                || rest
+                    .strip_prefix(':')
+                    .is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok()))
     };
-    if let Some(v) = field {
-        let ok = v
-            .to_str()
-            .ok()
-            .and_then(|t| t.parse::<hyper::http::uri::Authority>().ok())
-            .is_some_and(|a| plain(&a));
-        if !ok {
-            return Err("the Host header is not host[:port]");
+    let field = match field {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|t| t.parse::<Authority>().ok()) {
+            Some(a) if plain(&a) => Some(a),
+            _ => return Err("the Host header is not host[:port]"),
+        },
+    };
+    if let Some(a) = req.uri().authority() {
+        if !plain(a) {
+            return Err("the request's authority is not host[:port]");
         }
-    }
-    if req.uri().authority().is_some_and(|a| !plain(a)) {
-        return Err("the request's authority is not host[:port]");
+        if field.is_some_and(|f| host_only(f.as_str()) != host_only(a.as_str())) {
+            return Err("the Host header and the request's authority name different hosts");
+        }
     }
     Ok(())
 }
@@ -302,7 +312,14 @@ impl Conn {
         // WebSocket is let through (see `upstream::asks_websocket`); any other offer is
         // dropped and the request goes as a plain one.
         let websocket = upstream::asks_websocket(req.headers());
+        let trailers = upstream::has_token(req.headers(), &header::TE, "trailers");
         upstream::strip_hop_by_hop(req.headers_mut(), websocket);
+        if trailers {
+            // The proxy passes trailers on, so it may say that it takes them (RFC 9110 §10.1.4).
+            let h = req.headers_mut();
+            h.insert(header::TE, header::HeaderValue::from_static("trailers"));
+            h.append(header::CONNECTION, header::HeaderValue::from_static("te"));
+        }
         // Credentials for a proxy are the guest's business with its proxy, not the upstream's.
         req.headers_mut().remove(header::PROXY_AUTHORIZATION);
         let guest_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
@@ -338,6 +355,7 @@ impl Conn {
             Err(Failure::Failed(e)) => return failed(e),
             // The kept connection was closed under the request: once more on a new one.
             Err(Failure::Again(req, home)) => {
+                // Where to connect is read afresh; the request was judged already.
                 let policy = self.net.policy.current();
                 let up = match self
                     .open_upstream(&host, &policy, &method, &path, &d.rule)

@@ -195,7 +195,6 @@ pub(super) struct Prepared {
     stream: Option<(Incoming, Sent)>,
     head_only: bool,
     asks_upgrade: bool,
-    keep: bool,
     /// Whether the request may go again on another connection if the first turns out closed
     /// before any of its response came: whole in hand, and idempotent (RFC 9110 §9.2.2), since
     /// the upstream may have acted on it before it closed.
@@ -211,7 +210,6 @@ pub(super) async fn prepare(
 ) -> Result<Prepared, UpstreamError> {
     let head_only = req.method() == Method::HEAD;
     let asks_upgrade = req.headers().contains_key(header::UPGRADE);
-    let keep = !has_token(req.headers(), &header::CONNECTION, "close");
     let (parts, mut body) = req.into_parts();
     let framing = request_framing(&parts.method, &parts.headers, &body);
     let mut out = Vec::with_capacity(512);
@@ -244,7 +242,6 @@ pub(super) async fn prepare(
         stream,
         head_only,
         asks_upgrade,
-        keep,
         bytes_up,
     })
 }
@@ -290,7 +287,10 @@ pub(super) async fn exchange(
         mut buf,
     } = up;
     let again = reused && req.replayable && buf.is_empty();
-    let (head_only, asks_upgrade, mut keep) = (req.head_only, req.asks_upgrade, req.keep);
+    let (head_only, asks_upgrade) = (req.head_only, req.asks_upgrade);
+    // Whether the connection may carry another request afterwards. The guest's own wish to
+    // close ended with its hop ([`strip_hop_by_hop`]); the upstream's is read from its answer.
+    let mut keep = true;
     let mut req = req;
     let mut unsent = None;
     let (writer, req) = match req.stream.take() {
@@ -376,8 +376,10 @@ pub(super) async fn exchange(
             return Err(UpstreamError::Malformed("101 to a protocol other than WebSocket").into());
         }
         strip_hop_by_hop(response.headers_mut(), true);
-        let Some(wr) = writer.finish(true).await else {
-            return Err(UpstreamError::Truncated.into());
+        let wr = match (unsent, writer.finish(true).await) {
+            (None, Some(wr)) => wr,
+            (Some(e), _) => return Err(UpstreamError::Io(e).into()),
+            (None, None) => return Err(UpstreamError::Truncated.into()),
         };
         return Ok(Reply {
             response,
@@ -483,7 +485,8 @@ struct Parts {
     rd: ReadHalf<BoxIo>,
     writer: Writer,
     buf: BytesMut,
-    /// Neither side asked to close, and the response is HTTP/1.1.
+    /// The request went out whole, the upstream did not ask to close, and it answered in
+    /// HTTP/1.1.
     keep: bool,
 }
 
@@ -812,7 +815,7 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, UpstreamErro
 }
 
 /// Whether the comma-separated values of `name` include `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+pub(super) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
