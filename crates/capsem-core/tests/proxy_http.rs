@@ -463,6 +463,13 @@ async fn exchange(
     (status, collected.to_bytes(), trailers)
 }
 
+/// `POST /small` with a one-byte body (sent whole, with the head).
+async fn post_x(
+    s: &mut hyper::client::conn::http1::SendRequest<Body>,
+) -> (StatusCode, Bytes, Option<hyper::HeaderMap>) {
+    exchange(s, "POST", "/small", Full::new(Bytes::from("x")).boxed()).await
+}
+
 /// Every framing a response can have reaches the guest as the upstream meant it; one upstream
 /// connection carries a guest connection's requests until a response says or shows otherwise.
 #[tokio::test]
@@ -492,13 +499,7 @@ async fn framings() {
     let (st, body, _) = exchange(&mut s, "GET", "/continue", empty()).await;
     assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
     // A POST of a short body, and of one long enough to be streamed by a task of its own.
-    let (st, body, _) = exchange(
-        &mut s,
-        "POST",
-        "/small",
-        Full::new(Bytes::from("x")).boxed(),
-    )
-    .await;
+    let (st, body, _) = post_x(&mut s).await;
     assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
     let long = streamed((0..3).map(|_| Bytes::from(vec![7u8; 100_000])));
     let (st, body, _) = exchange(&mut s, "POST", "/small", long).await;
@@ -903,13 +904,7 @@ async fn a_request_caught_by_an_upstream_closing_goes_again_when_safe() {
         );
         let (st, _, _) = exchange(&mut s, "GET", "/linger", empty()).await;
         assert_eq!(st, StatusCode::OK);
-        let (st, body, _) = exchange(
-            &mut s,
-            "POST",
-            "/small",
-            Full::new(Bytes::from("x")).boxed(),
-        )
-        .await;
+        let (st, body, _) = post_x(&mut s).await;
         assert_eq!(st, StatusCode::BAD_GATEWAY, "{body:?}");
         assert_eq!(
             accepted.load(Ordering::SeqCst),
