@@ -134,6 +134,17 @@ async fn guest_to(
 
 /// The guest's byte stream for a connection to `port` (TLS offering `alpn` on 443).
 async fn guest_stream(dir: &std::path::Path, port: u16, up: u16, alpn: &[u8]) -> Box<dyn Io> {
+    guest_stream_with(dir, port, up, alpn, None).await
+}
+
+/// [`guest_stream`] through a proxy that records into `recorder`.
+async fn guest_stream_with(
+    dir: &std::path::Path,
+    port: u16,
+    up: u16,
+    alpn: &[u8],
+    recorder: Option<capsem_core::telemetry::Recorder>,
+) -> Box<dyn Io> {
     if !dir.join("upstream-ca.pem").exists() {
         // Only for the CA file the policy names (a plain upstream has no server for it).
         stand_in_tls(&[NAME], &dir.join("upstream-ca.pem")).unwrap();
@@ -145,7 +156,7 @@ async fn guest_stream(dir: &std::path::Path, port: u16, up: u16, alpn: &[u8]) ->
     .unwrap();
     let ca = Arc::new(Ca::load_or_create(&dir.join("ca")).unwrap());
     let policy = PolicySource::new(dir.join("user.toml"), dir.join("corp.toml")).unwrap();
-    let net = Arc::new(Network::new(ca.clone(), policy, None));
+    let net = Arc::new(Network::new(ca.clone(), policy, recorder));
     let (host, mut stream) = tokio::io::duplex(64 * 1024);
     tokio::spawn(net.handle(host));
     let open = NetOpen::Tcp {
@@ -246,7 +257,14 @@ async fn a_websocket_upgrade_becomes_a_two_way_pipe() {
 
 async fn websocket(port: u16) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = guest(dir.path(), port).await;
+    let up = upstream(dir.path(), port == 443).await;
+    let db = dir.path().join("session.db");
+    let recorder = capsem_core::telemetry::Recorder::open(&db).unwrap();
+    let io = guest_stream_with(dir.path(), port, up, b"http/1.1", Some(recorder)).await;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
     let mut req = request("GET", "/ws", Full::default().boxed());
     req.headers_mut()
         .insert(header::CONNECTION, "upgrade".parse().unwrap());
@@ -262,6 +280,29 @@ async fn websocket(port: u16) {
         io.read_exact(&mut back).await.unwrap();
         assert_eq!(back, msg, "port {port}, round {round}");
     }
+    // Once the pipe ends, the request is on record with what crossed it both ways.
+    drop(io);
+    let row = loop {
+        let found = rusqlite::Connection::open(&db).ok().and_then(|c| {
+            c.query_row(
+                "SELECT status, bytes_up, bytes_down FROM net_events WHERE path = '/ws'",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, u16>(0)?,
+                        r.get::<_, u64>(1)?,
+                        r.get::<_, u64>(2)?,
+                    ))
+                },
+            )
+            .ok()
+        });
+        if let Some(row) = found {
+            break row;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(row, (101, 60_000, 60_000), "port {port}");
 }
 
 /// A hand-scripted HTTP/1.1 upstream (plain TCP): each request's path picks raw bytes to
@@ -910,6 +951,36 @@ async fn a_request_caught_by_an_upstream_closing_goes_again_when_safe() {
             accepted.load(Ordering::SeqCst),
             2,
             "the POST was not sent twice"
+        );
+    })
+    .await;
+}
+
+/// The policy judges a path with its dot segments resolved, and the path goes upstream as the
+/// guest wrote it: a path that servers could read as another (a dot segment, escaped or not,
+/// or a backslash) is refused, never judged as one path and served as another.
+#[tokio::test]
+async fn a_path_servers_could_read_otherwise_is_refused() {
+    in_time("the exchanges finished", async {
+        let (_dir, mut s) = scripted_guest().await;
+        for path in [
+            "/x/../small",
+            "/x/%2e%2e/small",
+            "/x/..;/small",
+            "/small%5c",
+        ] {
+            let resp = send_with(&mut s, path, &[]).await;
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{path}");
+            assert!(
+                String::from_utf8_lossy(resp.body()).contains("refused"),
+                "{path}: {:?}",
+                resp.body()
+            );
+        }
+        let resp = send_with(&mut s, "/small", &[]).await;
+        assert_eq!(
+            (resp.status(), &resp.body()[..]),
+            (StatusCode::OK, &b"ok"[..])
         );
     })
     .await;

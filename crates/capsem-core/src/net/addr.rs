@@ -18,7 +18,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     !(ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_private()
@@ -29,20 +29,31 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a == 0
         // shared address space (carrier-grade NAT), 100.64.0.0/10
         || (a == 100 && (64..128).contains(&b))
+        // protocol assignments, 192.0.0.0/24
+        || (a == 192 && b == 0 && c == 0)
         // benchmarking, 198.18.0.0/15
         || (a == 198 && (18..20).contains(&b))
         // reserved, 240.0.0.0/4
         || a >= 240)
 }
 
+/// Public IPv6 is global unicast (2000::/3) less documentation, benchmarking and Teredo. Three
+/// forms carry an IPv4 address, which decides instead: NAT64's well-known prefix
+/// (64:ff9b::/96, how an IPv6-only host reaches IPv4 sites), the old IPv4-compatible form
+/// (::a.b.c.d) and 6to4 (2002::/16); behind NAT64, `64:ff9b::a0a:1` is 10.10.0.1 on the
+/// host's own network.
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || ip.is_unique_local()
-        || ip.is_unicast_link_local()
-        // documentation 2001:db8::/32
-        || (ip.segments()[0] == 0x2001 && ip.segments()[1] == 0x0db8))
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| {
+        let ([a, b], [c, d]) = (hi.to_be_bytes(), lo.to_be_bytes());
+        is_public_v4(Ipv4Addr::new(a, b, c, d))
+    };
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] | [0, 0, 0, 0, 0, 0, hi, lo] => v4(hi, lo),
+        [0x2002, hi, lo, ..] => v4(hi, lo),
+        [0x2001, 0x0db8, ..] | [0x2001, 0, ..] | [0x2001, 2, 0, ..] => false,
+        [first, ..] => first & 0xe000 == 0x2000,
+    }
 }
 
 /// Resolve `target` (`host:port`) and keep its public addresses; when it resolves to none, the
@@ -91,6 +102,20 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "192.0.0.170",
+            // IPv4 inside IPv6: NAT64, IPv4-compatible, 6to4
+            "64:ff9b::a0a:1",
+            "64:ff9b::127.0.0.1",
+            "::10.0.0.1",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::1",
+            // outside global unicast, or special within it
+            "64:ff9b:1::1",
+            "fec0::1",
+            "ff02::1",
+            "2001:db8::1",
+            "2001:0:4136:e378::1",
+            "2001:2::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -99,6 +124,9 @@ mod tests {
             "93.184.216.34",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "64:ff9b::101:101",
+            "2002:808:808::1",
+            "2a00:1450:4001::1",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }

@@ -179,7 +179,7 @@ impl Network {
         match open {
             NetOpen::Dns { name } => {
                 let d = self.policy.current().decide_domain(&name);
-                tracing::info!(domain = %name, decision = d.action.as_str(), rule = %d.rule, "dns");
+                tracing::info!(domain = ?name, decision = d.action.as_str(), rule = %d.rule, "dns");
                 self.record(crate::telemetry::Event::Dns(crate::telemetry::DnsEvent {
                     name: name.trim_end_matches('.').to_ascii_lowercase(),
                     decision: d.action.as_str().to_string(),

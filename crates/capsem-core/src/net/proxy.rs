@@ -290,6 +290,16 @@ impl Conn {
                 return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
             }
         }
+        // The policy judges a path with its dot segments resolved; the path goes upstream as
+        // the guest wrote it. Where the two could be read as different paths, it goes nowhere.
+        if let Some(why) = crate::policy::ambiguous_path(&path) {
+            let rule = format!("the path has {why}");
+            self.log(&host, &method, &path, Action::Deny, &rule, 400);
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("capsem: refused: {rule}; send it resolved\n"),
+            );
+        }
         let policy = self.net.policy.current();
         let d = policy.decide(&host, method.as_str(), req.uri().path());
         if d.action == Action::Deny {
@@ -302,7 +312,13 @@ impl Conn {
                 ),
             );
         }
-        let api = models::recognize(&host, method.as_str(), &path);
+        // Recognised by the path the policy judged, so that `//v1/messages` (which the API
+        // serves alike) is not a way around the accounting.
+        let api = models::recognize(
+            &host,
+            method.as_str(),
+            &crate::policy::canonical_path(&path),
+        );
         if api.is_some() {
             // Read usage from plain bytes: ask the upstream not to compress.
             req.headers_mut().remove(header::ACCEPT_ENCODING);
@@ -376,21 +392,6 @@ impl Conn {
         let resp = reply.response;
         let status = resp.status().as_u16();
         self.log(&host, &method, &path, Action::Allow, &d.rule, status);
-        // A 101 (only ever to a request that asked to upgrade): a pipe both ways once hyper
-        // has handed over the guest's side, starting with what the upstream sent after its head.
-        if let (Some((mut up, early)), Some(guest_up)) = (reply.tunnel, guest_upgrade) {
-            tokio::spawn(async move {
-                if let Ok(g) = guest_up.await {
-                    let mut g = TokioIo::new(g);
-                    if tokio::io::AsyncWriteExt::write_all(&mut g, &early)
-                        .await
-                        .is_ok()
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut g, &mut up).await;
-                    }
-                }
-            });
-        }
         // Only a model call's body is read, and only then its type matters.
         let content_type = match api {
             Some(_) => resp
@@ -401,7 +402,7 @@ impl Conn {
                 .to_string(),
             None => String::new(),
         };
-        let event = NetEvent {
+        let mut event = NetEvent {
             domain: host,
             port: self.port,
             method: method.to_string(),
@@ -414,6 +415,35 @@ impl Conn {
             rule: d.rule,
             process: self.process.clone(),
         };
+        // A 101 (only ever to a WebSocket request): a pipe both ways once hyper has handed
+        // over the guest's side, starting with what the upstream sent after its head. The
+        // request is recorded when the pipe ends, with what crossed it.
+        if let (Some((mut up, early)), Some(guest_up)) = (reply.tunnel, guest_upgrade) {
+            let net = self.net.clone();
+            tokio::spawn(async move {
+                let (mut sent, mut got) = (0, 0);
+                if let Ok(g) = guest_up.await {
+                    let mut g = Counted::new(TokioIo::new(g));
+                    if tokio::io::AsyncWriteExt::write_all(&mut g, &early)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut g, &mut up).await;
+                    }
+                    (sent, got) = (g.read, g.written);
+                }
+                event.bytes_up = bytes_up.load(Ordering::Relaxed) + sent;
+                event.bytes_down = got;
+                event.duration = started.elapsed();
+                net.record(Event::Net(event));
+            });
+            let tap = Tap {
+                ctx: None,
+                bytes: 0,
+                buf: None,
+            };
+            return resp.map(|b| Tapped { inner: b, tap }.boxed());
+        }
         let tap = Tap {
             ctx: Some(TapCtx {
                 net: self.net.clone(),
@@ -741,6 +771,59 @@ impl Tap {
 }
 
 /// A response body that streams through unchanged while [`Tap`] counts and keeps it.
+/// A stream that counts the bytes read from it and written to it (a WebSocket's guest side:
+/// what the guest sent, and what it got).
+struct Counted<T> {
+    inner: T,
+    read: u64,
+    written: u64,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T) -> Counted<T> {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 struct Tapped {
     inner: UpBody,
     tap: Tap,

@@ -29,6 +29,29 @@ pub fn canonical_path(path: &str) -> Cow<'_, str> {
     }
 }
 
+/// Why servers may read `path` as a different path from the one the policy judges, if they
+/// may: a dot segment (`.`, `..`, also escaped as `%2e`, or hidden behind an escaped `/`; and
+/// `..;`, which Java servers read as `..`), which the policy resolves but a server that takes
+/// paths literally (an object store) does not; or a backslash (also `%5c`), which some
+/// servers read as `/` and the policy does not. Such a path is refused rather than judged:
+/// clients send neither (they resolve dot segments before sending).
+pub fn ambiguous_path(path: &str) -> Option<&'static str> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let lower = path.to_ascii_lowercase();
+    if path.contains('\\') || lower.contains("%5c") {
+        return Some("a backslash, which some servers read as /");
+    }
+    let decoded = lower.replace("%2e", ".").replace("%2f", "/");
+    let dot = |seg: &str| {
+        let seg = seg.split(';').next().unwrap_or(seg);
+        seg == "." || seg == ".."
+    };
+    decoded
+        .split('/')
+        .any(dot)
+        .then_some("a . or .. segment, which servers resolve differently")
+}
+
 /// [`canonical_path`] the long way, for a path without its query and fragment.
 pub(super) fn rebuild(path: &str) -> String {
     let bytes = path.as_bytes();

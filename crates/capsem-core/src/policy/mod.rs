@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use matching::{DomainPattern, PathPattern};
+pub use matching::{ambiguous_path, canonical_path, DomainPattern, PathPattern};
 pub use presets::Preset;
 
 /// Where the corp lockdown file lives.

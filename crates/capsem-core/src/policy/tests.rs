@@ -315,3 +315,33 @@ fn a_path_rule_sees_through_spellings_of_the_same_path() {
         assert_eq!(c(path), path);
     }
 }
+
+#[test]
+fn paths_servers_may_read_otherwise_are_ambiguous() {
+    for path in [
+        "/a/../b",
+        "/a/..",
+        "/./a",
+        "/a/%2e%2e/b",
+        "/a/%2E./b",
+        "/a%2f..%2fb",
+        "/a/..;/b",
+        "/a/.;x/b",
+        "/a\\b",
+        "/a%5Cb",
+    ] {
+        assert!(ambiguous_path(path).is_some(), "{path}");
+    }
+    for path in [
+        "/",
+        "/v1/messages",
+        "/a.b/..c/.d/...",
+        "/a;b/c",
+        "/v1%2Fx",
+        "//v1/x",
+        "/a?x=/../b",
+        "/a?x=\\",
+    ] {
+        assert_eq!(ambiguous_path(path), None, "{path}");
+    }
+}
