@@ -985,3 +985,49 @@ async fn a_path_servers_could_read_otherwise_is_refused() {
     })
     .await;
 }
+
+/// CONNECT opens one tunnel from a plain proxy connection; inside TLS (so inside any tunnel)
+/// it is refused, so a guest cannot nest tunnels, each with upstream connections of its own.
+#[tokio::test]
+async fn connect_is_one_level_deep() {
+    in_time("the exchanges finished", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, _) = scripted_tls(dir.path()).await;
+        let connect = || {
+            Request::builder()
+                .method("CONNECT")
+                .uri(format!("{NAME}:443"))
+                .body(Full::default().boxed())
+                .unwrap()
+        };
+        let mut plain = guest_to(dir.path(), 80, up).await;
+        let resp = plain.send_request(connect()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let tunnel = TokioIo::new(hyper::upgrade::on(resp).await.expect("a tunnel"));
+        let ca = Ca::load_or_create(&dir.path().join("ca")).unwrap();
+        let tls =
+            tokio_rustls::TlsConnector::from(Arc::new(client_trusting(ca.cert_der()).unwrap()))
+                .connect(ServerName::try_from(NAME).unwrap(), tunnel)
+                .await
+                .expect("TLS inside the tunnel");
+        let (mut inner, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = send_with(&mut inner, "/small", &[]).await;
+        assert_eq!(
+            (resp.status(), &resp.body()[..]),
+            (StatusCode::OK, &b"ok"[..])
+        );
+        inner.ready().await.unwrap();
+        let resp = inner.send_request(connect()).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::FORBIDDEN,
+            "a tunnel in the tunnel"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("plain"), "{body:?}");
+    })
+    .await;
+}

@@ -471,6 +471,14 @@ impl Conn {
         };
         let host = host_only(&authority);
         let port = req.uri().port_u16().unwrap_or(443);
+        // A proxy client says CONNECT on its plain connection to the proxy (port 80). Inside
+        // TLS, which includes every tunnel a CONNECT opened, it would open tunnels within
+        // tunnels, each with its own upstream connections: one level is all a client needs.
+        if self.sni.is_some() {
+            let rule = "CONNECT is only accepted on a plain (port 80) proxy connection";
+            self.log(&host, &Method::CONNECT, &authority, Action::Deny, rule, 403);
+            return text(StatusCode::FORBIDDEN, format!("capsem: denied: {rule}\n"));
+        }
         if port != 443 {
             let rule = format!("CONNECT is only proxied to port 443, not {port}");
             self.log(
