@@ -124,7 +124,11 @@ async fn guest_to(
     port: u16,
     up: u16,
 ) -> hyper::client::conn::http1::SendRequest<Body> {
-    let io = guest_stream(dir, port, up, b"http/1.1").await;
+    http1_over(guest_stream(dir, port, up, b"http/1.1").await).await
+}
+
+/// An HTTP/1.1 client (upgrades allowed) on `io`.
+async fn http1_over<T: Io + 'static>(io: T) -> hyper::client::conn::http1::SendRequest<Body> {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
@@ -261,10 +265,7 @@ async fn websocket(port: u16) {
     let db = dir.path().join("session.db");
     let recorder = capsem_core::telemetry::Recorder::open(&db).unwrap();
     let io = guest_stream_with(dir.path(), port, up, b"http/1.1", Some(recorder)).await;
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
+    let mut s = http1_over(io).await;
     let mut req = request("GET", "/ws", Full::default().boxed());
     req.headers_mut()
         .insert(header::CONNECTION, "upgrade".parse().unwrap());
@@ -862,11 +863,7 @@ async fn a_request_names_its_host_once() {
     in_time("the exchanges finished", async {
         let dir = tempfile::tempdir().unwrap();
         let (up, accepted) = scripted_tls(dir.path()).await;
-        let io = guest_stream(dir.path(), 443, up, b"http/1.1").await;
-        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut s = guest_to(dir.path(), 443, up).await;
         let resp = send_with(&mut s, "/small", &[("host", "other.example")]).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
         assert!(String::from_utf8_lossy(resp.body()).contains("more than one Host header"));
@@ -1010,10 +1007,7 @@ async fn connect_is_one_level_deep() {
                 .connect(ServerName::try_from(NAME).unwrap(), tunnel)
                 .await
                 .expect("TLS inside the tunnel");
-        let (mut inner, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut inner = http1_over(tls).await;
         let resp = send_with(&mut inner, "/small", &[]).await;
         assert_eq!(
             (resp.status(), &resp.body()[..]),

@@ -277,7 +277,7 @@ async fn write_all_flush(wr: &mut WriteHalf<BoxIo>, out: &[u8]) -> io::Result<()
 /// exchange ends well. `reused`: `up` carried an earlier exchange (see [`Failure::Again`]).
 pub(super) async fn exchange(
     up: Upstream,
-    req: Prepared,
+    mut req: Prepared,
     home: Home,
     reused: bool,
 ) -> Result<Reply, Failure> {
@@ -291,7 +291,6 @@ pub(super) async fn exchange(
     // Whether the connection may carry another request afterwards. The guest's own wish to
     // close ended with its hop ([`strip_hop_by_hop`]); the upstream's is read from its answer.
     let mut keep = true;
-    let mut req = req;
     let mut unsent = None;
     let (writer, req) = match req.stream.take() {
         None => {
@@ -685,6 +684,14 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// Fields a `Connection` field may name but that stay: they frame the message or name its
+/// host.
+const KEPT: [HeaderName; 3] = [
+    header::TRANSFER_ENCODING,
+    header::CONTENT_LENGTH,
+    header::HOST,
+];
+
 /// Remove the fields of one hop: [`HOP_BY_HOP`], those `Connection` names (never the framing
 /// fields or `Host`, whatever it says) and `Upgrade`, except for a WebSocket handshake
 /// (`websocket`), which keeps its `Upgrade` and gets `Connection: upgrade`.
@@ -697,12 +704,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
-        let framing = [
-            header::TRANSFER_ENCODING,
-            header::CONTENT_LENGTH,
-            header::HOST,
-        ];
-        if !(framing.contains(name) || websocket && name == header::UPGRADE) {
+        if !(KEPT.contains(name) || websocket && name == header::UPGRADE) {
             headers.remove(name);
         }
     }
@@ -911,9 +913,7 @@ impl Decoder {
             searched: 0,
         }
     }
-}
 
-impl Decoder {
     /// Take what `buf` holds of the body into `out`; whether the body has ended.
     fn drain(
         &mut self,

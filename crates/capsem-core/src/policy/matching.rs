@@ -37,6 +37,11 @@ pub fn canonical_path(path: &str) -> Cow<'_, str> {
 /// clients send neither (they resolve dot segments before sending).
 pub fn ambiguous_path(path: &str) -> Option<&'static str> {
     let path = path.split(['?', '#']).next().unwrap_or("");
+    // Most paths have no escape, no backslash and no segment starting with a dot: answered
+    // without a copy.
+    if !path.contains(['%', '\\']) && !path.split('/').any(|s| s.starts_with('.')) {
+        return None;
+    }
     let lower = path.to_ascii_lowercase();
     if path.contains('\\') || lower.contains("%5c") {
         return Some("a backslash, which some servers read as /");
