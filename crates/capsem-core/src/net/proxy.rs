@@ -437,12 +437,7 @@ impl Conn {
                 event.duration = started.elapsed();
                 net.record(Event::Net(event));
             });
-            let tap = Tap {
-                ctx: None,
-                bytes: 0,
-                buf: None,
-            };
-            return resp.map(|b| Tapped { inner: b, tap }.boxed());
+            return resp.map(|b| b.boxed());
         }
         let tap = Tap {
             ctx: Some(TapCtx {
